@@ -1,0 +1,124 @@
+"""Command line: ``anomaly-exporter run``, ``check-config`` and ``--version``."""
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+
+from exporter import __version__
+from exporter.config import ConfigError, load_config
+from exporter.durations import parse_duration
+
+EXIT_CONFIG_ERROR = 2
+
+log = logging.getLogger("exporter")
+
+
+def _duration_argument(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anomaly-exporter",
+        description="Read series from a Prometheus-compatible API and expose anomaly scores as metrics.",
+    )
+    parser.add_argument("--version", action="version", version=f"anomaly-exporter {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the exporter")
+    run.add_argument("--config", "-c", required=True, help="path of the YAML configuration file")
+    run.add_argument("--listen-address", help="host:port to serve on; overrides listen_address in the file")
+    run.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="lowest level logged"
+    )
+    run.add_argument(
+        "--duration",
+        type=_duration_argument,
+        help="stop after this long (a Prometheus duration such as 10m); default: run until SIGTERM or SIGINT",
+    )
+
+    check = commands.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("config", help="path of the YAML configuration file")
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def check_config(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    names = ", ".join(d.name for d in config.detectors)
+    print(f"{path}: valid, {len(config.detectors)} detectors ({names})")
+    return 0
+
+
+def run(args) -> int:
+    _configure_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+        if args.listen_address:
+            config = config.model_copy(update={"listen_address": args.listen_address})
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+    from exporter.app import Exporter
+
+    exporter = Exporter(args.config, config)
+    try:
+        exporter.start()
+    except OSError as error:
+        print(f"cannot listen on {config.listen_address}: {error.strerror}; "
+              "choose another address with --listen-address or listen_address", file=sys.stderr)
+        return 1
+
+    stop = threading.Event()
+
+    def _request_stop(signum, _frame):
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    def _request_reload(_signum, _frame):
+        threading.Thread(target=exporter.reload, name="reload", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
+    signal.signal(signal.SIGHUP, _request_reload)
+
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+    while not stop.is_set():
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            log.info("--duration elapsed")
+            break
+        stop.wait(1.0 if remaining is None else min(1.0, remaining))
+    exporter.stop()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.config)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

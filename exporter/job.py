@@ -1,0 +1,352 @@
+"""One configured detector at run time: its fit and score runs and its latest results.
+
+A job queries the source, turns the answer into a panel the detector type understands,
+and publishes an immutable Snapshot that the /metrics collector reads. Fit and score runs
+are separate: scoring goes on with the current model while a refit runs, and the new model
+is swapped in whole when it is ready.
+"""
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from detectors import detector_class
+from detectors.base import StateError
+from exporter.config import RESERVED_LABELS, DetectorConfig
+from exporter.metrics import SelfMetrics
+from exporter.source import Panel, PrometheusSource, QueryError, SourceUnavailable
+from exporter.store import StateStore
+
+log = logging.getLogger(__name__)
+
+# How far back a score run catches up after a restart or an outage, at most.
+MAX_CATCH_UP_SECONDS = 86400.0
+
+
+class JobError(Exception):
+    """A run failed for a reason the user must fix (for example a label clash); not retried early."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Latest results per known series, aligned by index; replaced whole after every run."""
+
+    labels: list[dict[str, str]]
+    sample_time: np.ndarray
+    score: np.ndarray
+    expected: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    ready: np.ndarray
+
+
+def series_key(labels: dict[str, str]) -> tuple:
+    return tuple(sorted(labels.items()))
+
+
+def to_increase_rate(values: np.ndarray, step: float) -> np.ndarray:
+    """Turn counter samples into per-second rates, treating a decrease as a counter reset."""
+    increase = np.diff(values, axis=1)
+    reset = increase < 0
+    increase[reset] = values[:, 1:][reset]
+    rate = np.full(values.shape, np.nan)
+    rate[:, 1:] = increase / step
+    return rate
+
+
+class DetectorJob:
+    """Runs one detector: ``fit`` and ``score`` are called by the scheduler."""
+
+    def __init__(
+        self,
+        config: DetectorConfig,
+        source: PrometheusSource,
+        store: StateStore,
+        metrics: SelfMetrics,
+        clock=time.time,
+    ):
+        self.config = config
+        self.source = source
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.snapshot: Snapshot | None = None
+        self._model = None
+        self._model_keys: dict[tuple, int] = {}
+        self._last_scored: float | None = None
+        self._latest: dict[tuple, tuple] = {}
+        self._score_lock = threading.Lock()
+        self._swap_lock = threading.Lock()
+        self._empty_phases: set[str] = set()
+        self._fingerprint = config.fingerprint()
+        self._detector_type = detector_class(config.type)
+        self._params = config.typed_params()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    # Model state ------------------------------------------------------------------
+
+    def _new_detector(self):
+        return self._detector_type(
+            self._params, step=self.config.step, timezone=self.config.timezone, direction=self.config.direction
+        )
+
+    def load_state(self) -> bool:
+        """Restore a saved model so scoring resumes before the first refit; False means refit."""
+        loaded = self.store.load(self.name)
+        if loaded is None:
+            return False
+        arrays, meta = loaded
+        if meta.get("fingerprint") != self._fingerprint:
+            log.info("detector=%s saved state was fitted with another configuration; refitting", self.name)
+            return False
+        try:
+            keys = [series_key(labels) for labels in meta["series"]]
+            model = self._new_detector().set_state(arrays, meta["detector"])
+        except (StateError, KeyError, TypeError, AttributeError) as error:
+            log.error("detector=%s saved state is incompatible, refitting: %s", self.name, error)
+            return False
+        if len(keys) != model.ready_.shape[0]:
+            log.error("detector=%s saved state lists %d series for %d model rows, refitting",
+                      self.name, len(keys), model.ready_.shape[0])
+            return False
+        self._install(model, keys)
+        log.info("detector=%s loaded saved model of %d series fitted until %s",
+                 self.name, len(keys), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(model.fitted_until_)))
+        return True
+
+    def _install(self, model, keys: list[tuple]) -> None:
+        with self._swap_lock:
+            self._model = model
+            self._model_keys = {key: row for row, key in enumerate(keys)}
+        self.metrics.model_age.labels(self.name).set_function(lambda m=model: max(0.0, self.clock() - m.fitted_until_))
+
+    def _save(self, model, keys: list[tuple]) -> None:
+        arrays, detector_meta = model.get_state()
+        meta = {
+            "fingerprint": self._fingerprint,
+            "detector": detector_meta,
+            "series": [dict(key) for key in keys],
+        }
+        try:
+            self.store.save(self.name, arrays, meta)
+        except OSError as error:
+            log.error("detector=%s could not save its model to %s: %s", self.name, self.store.directory, error)
+
+    # Runs ---------------------------------------------------------------------------
+
+    def _aligned_end(self) -> float:
+        """Latest grid time not newer than now minus the ingestion delay."""
+        step = self.config.step
+        return math.floor((self.clock() - self.source.config.query_delay) / step) * step
+
+    def _query(self, start: float, end: float, phase: str) -> Panel:
+        step = self.config.step
+        query_start = start - step if self.config.counter else start
+        panel = self.source.query_range(self.config.query, query_start, end, step)
+        if self.config.counter and panel.values.shape[1]:
+            panel.values = to_increase_rate(panel.values, step)[:, 1:]
+            panel.timestamps = panel.timestamps[1:]
+        if panel.non_finite_points:
+            self.metrics.non_finite.labels(self.name).inc(panel.non_finite_points)
+        if panel.duplicate_series:
+            self.metrics.dropped.labels(self.name, "duplicate").inc(panel.duplicate_series)
+        if panel.empty:
+            self.metrics.empty_results.labels(self.name, phase).inc()
+            if phase not in self._empty_phases:
+                log.warning("detector=%s %s query returned no series: check the query and that its metrics exist",
+                            self.name, phase)
+            self._empty_phases.add(phase)
+        else:
+            self._empty_phases.discard(phase)
+        return self._filter(panel, phase)
+
+    def _filter(self, panel: Panel, phase: str) -> Panel:
+        """Reject label clashes, drop series without entity labels and cap the series count."""
+        for labels in panel.labels:
+            clashes = [name for name in RESERVED_LABELS if name in labels]
+            if clashes:
+                raise JobError(
+                    f"query result has the label {clashes[0]!r}, which the exporter sets on its output: "
+                    f"drop or rename it in the query, for example with label_replace or sum without ({clashes[0]})"
+                )
+        keep = [i for i, labels in enumerate(panel.labels) if all(name in labels for name in self.config.entity_labels)]
+        missing = len(panel.labels) - len(keep)
+        if missing:
+            self.metrics.dropped.labels(self.name, "missing_entity_label").inc(missing)
+            log.warning("detector=%s dropped %d series without all entity labels %s",
+                        self.name, missing, self.config.entity_labels)
+        if len(keep) > self.config.max_series:
+            keep.sort(key=lambda i: series_key(panel.labels[i]))
+            over = len(keep) - self.config.max_series
+            keep = sorted(keep[: self.config.max_series])
+            self.metrics.dropped.labels(self.name, "max_series").inc(over)
+            log.warning("detector=%s %s query returned %d series more than max_series=%d; dropped them",
+                        self.name, phase, over, self.config.max_series)
+        if len(keep) == len(panel.labels):
+            return panel
+        return Panel(panel.values[keep], panel.timestamps, [panel.labels[i] for i in keep])
+
+    def fit(self) -> None:
+        """Query the fit window, fit a new model, save it and swap it in."""
+        started = time.monotonic()
+        try:
+            end = self._aligned_end()
+            panel = self._query(end - self.config.fit_window, end, "fit")
+            model = self._new_detector().fit(panel.values, panel.timestamps)
+            keys = [series_key(labels) for labels in panel.labels]
+            self._save(model, keys)
+            self._install(model, keys)
+        except (QueryError, SourceUnavailable, JobError, ValueError) as error:
+            self._failed("fit", started, error)
+            return
+        except Exception:  # noqa: BLE001 - one detector's bug must not stop the scheduler
+            self._failed("fit", started, None)
+            return
+        finally:
+            self.metrics.source_up.set(1 if self.source.up else 0)
+        self._succeeded("fit", started)
+        ready = int(np.count_nonzero(model.ready_))
+        log.info("detector=%s fit %d series (%d ready) on %d points each in %.2fs",
+                 self.name, len(keys), ready, panel.timestamps.size, time.monotonic() - started)
+
+    def score(self) -> None:
+        """Score every new point since the last run and publish the latest result per series."""
+        if not self._score_lock.acquire(blocking=False):
+            log.debug("detector=%s score run skipped: the previous one is still running", self.name)
+            return
+        try:
+            self._score_locked()
+        finally:
+            self._score_lock.release()
+
+    def _score_locked(self) -> None:
+        started = time.monotonic()
+        with self._swap_lock:
+            model, model_keys = self._model, self._model_keys
+        try:
+            end = self._aligned_end()
+            start = self._score_start(model, end)
+            if start > end:
+                # Nothing new since the last run, which happens right after a fit.
+                self._succeeded("score", started)
+                return
+            panel = self._query(start, end, "score")
+            self._score_panel(model, model_keys, panel)
+        except (QueryError, SourceUnavailable, JobError, ValueError) as error:
+            self._failed("score", started, error)
+            self._publish()
+            return
+        except Exception:  # noqa: BLE001 - one detector's bug must not stop the scheduler
+            self._failed("score", started, None)
+            self._publish()
+            return
+        finally:
+            self.metrics.source_up.set(1 if self.source.up else 0)
+        self._last_scored = end
+        self._succeeded("score", started)
+        snapshot = self._publish()
+        states = self._count_states(snapshot)
+        log.info("detector=%s scored %d points of %d series: %s", self.name, panel.values.size, len(panel.labels), states)
+
+    def _score_start(self, model, end: float) -> float:
+        step = self.config.step
+        earliest = end - max(self.config.stale_seconds, min(MAX_CATCH_UP_SECONDS, self.config.fit_window))
+        resume = self._last_scored
+        if model is not None and (resume is None or model.fitted_until_ > resume):
+            resume = model.fitted_until_
+        if resume is None:
+            return end - self.config.stale_seconds
+        return max(resume + step, earliest)
+
+    def _score_panel(self, model, model_keys: dict[tuple, int], panel: Panel) -> None:
+        n_series = len(panel.labels)
+        if n_series == 0 or panel.timestamps.size == 0:
+            return
+        keys = [series_key(labels) for labels in panel.labels]
+        rows = np.array([model_keys.get(key, -1) for key in keys], dtype=np.int64)
+        known = rows >= 0
+        nan = np.full(panel.values.shape, np.nan)
+        score, expected, lower, upper = nan, nan, nan, nan
+        if model is not None and known.any():
+            result = model.score(panel.values[known], panel.timestamps, rows[known])
+            score, expected, lower, upper = (np.full(panel.values.shape, np.nan) for _ in range(4))
+            score[known], expected[known] = result.score, result.expected
+            lower[known], upper[known] = result.lower, result.upper
+            ready_rows = np.zeros(n_series, dtype=bool)
+            ready_rows[known] = model.ready_[rows[known]]
+        else:
+            ready_rows = np.zeros(n_series, dtype=bool)
+
+        # The latest column with a sample is what /metrics shows for each series.
+        has_sample = ~np.isnan(panel.values)
+        last = panel.values.shape[1] - 1 - np.argmax(has_sample[:, ::-1], axis=1)
+        any_sample = has_sample.any(axis=1)
+        for index in np.flatnonzero(any_sample):
+            column = last[index]
+            self._latest[keys[index]] = (
+                panel.timestamps[column],
+                score[index, column],
+                expected[index, column],
+                lower[index, column],
+                upper[index, column],
+                bool(ready_rows[index]),
+                panel.labels[index],
+            )
+
+    def _publish(self) -> Snapshot:
+        """Build and swap in a new snapshot; series not seen for longer than the fit window are forgotten."""
+        horizon = self.clock() - max(self.config.fit_window, self.config.stale_seconds)
+        for key in [k for k, entry in self._latest.items() if entry[0] < horizon]:
+            del self._latest[key]
+        entries = list(self._latest.values())
+        snapshot = Snapshot(
+            labels=[self._output_labels(entry[6]) for entry in entries],
+            sample_time=np.array([entry[0] for entry in entries], dtype=np.float64),
+            score=np.array([entry[1] for entry in entries], dtype=np.float64),
+            expected=np.array([entry[2] for entry in entries], dtype=np.float64),
+            lower=np.array([entry[3] for entry in entries], dtype=np.float64),
+            upper=np.array([entry[4] for entry in entries], dtype=np.float64),
+            ready=np.array([entry[5] for entry in entries], dtype=bool),
+        )
+        self.snapshot = snapshot
+        self._count_states(snapshot)
+        return snapshot
+
+    def _output_labels(self, labels: dict[str, str]) -> dict[str, str]:
+        output = dict(labels)
+        output.update(self.config.labels)
+        names = self.config.entity_labels or sorted(labels)
+        output["entity"] = ",".join(f"{name}={labels.get(name, '')}" for name in names)
+        output["detector"] = self.name
+        return output
+
+    def _count_states(self, snapshot: Snapshot) -> dict[str, int]:
+        fresh = snapshot.sample_time >= self.clock() - self.config.stale_seconds
+        counts = {
+            "ready": int(np.count_nonzero(fresh & snapshot.ready)),
+            "warming": int(np.count_nonzero(fresh & ~snapshot.ready)),
+            "stale": int(np.count_nonzero(~fresh)),
+        }
+        for state, count in counts.items():
+            self.metrics.series.labels(self.name, state).set(count)
+        return counts
+
+    def _succeeded(self, phase: str, started: float) -> None:
+        self.metrics.runs.labels(self.name, phase, "success").inc()
+        self.metrics.run_duration.labels(self.name, phase).observe(time.monotonic() - started)
+        self.metrics.last_success.labels(self.name, phase).set(self.clock())
+
+    def _failed(self, phase: str, started: float, error: Exception | None) -> None:
+        self.metrics.runs.labels(self.name, phase, "failure").inc()
+        self.metrics.run_duration.labels(self.name, phase).observe(time.monotonic() - started)
+        if error is None:
+            log.exception("detector=%s %s run failed with an unexpected error", self.name, phase)
+        else:
+            log.error("detector=%s %s run failed: %s", self.name, phase, error)

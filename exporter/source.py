@@ -1,0 +1,204 @@
+"""Read-only client of a Prometheus-compatible query API, returning panels.
+
+Long ranges are split into chunks below the API's points-per-series limit, requests retry
+with backoff on timeouts, connection errors and 5xx answers, and a 4xx answer (bad PromQL,
+for example) raises QueryError with the server's own message.
+"""
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import requests
+from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from urllib3.util.retry import Retry
+
+from exporter.config import SourceConfig
+
+log = logging.getLogger(__name__)
+
+
+class QueryError(Exception):
+    """The server rejected a query (HTTP 4xx); retrying will not help."""
+
+
+class SourceUnavailable(Exception):
+    """The query API could not be reached or kept failing after the retries."""
+
+
+@dataclass
+class Panel:
+    """Query result on a regular grid: ``values[i, j]`` is series ``labels[i]`` at ``timestamps[j]``."""
+
+    values: np.ndarray
+    timestamps: np.ndarray
+    labels: list[dict[str, str]]
+    non_finite_points: int = 0
+    duplicate_series: int = field(default=0)
+
+    @property
+    def empty(self) -> bool:
+        return not self.labels
+
+
+def grid(start: float, end: float, step: float) -> np.ndarray:
+    """Return the timestamps Prometheus evaluates for a range query (start, start+step, ... <= end)."""
+    count = int(math.floor((end - start) / step + 1e-9)) + 1
+    return start + step * np.arange(max(count, 0), dtype=np.float64)
+
+
+def _server_message(error: PrometheusApiClientException) -> tuple[int | None, str]:
+    """Extract the HTTP status and the API's ``error`` text from the client's exception."""
+    text = str(error)
+    status = None
+    if text.startswith("HTTP Status Code "):
+        parts = text.split()
+        if len(parts) > 3 and parts[3].isdigit():
+            status = int(parts[3])
+    start, end = text.find('"error":"'), -1
+    if start >= 0:
+        start += len('"error":"')
+        end = text.find('"', start)
+        while end > 0 and text[end - 1] == "\\":
+            end = text.find('"', end + 1)
+        return status, text[start:end].replace('\\"', '"')
+    return status, text
+
+
+class PrometheusSource:
+    """Range queries against one query API, shared by every detector.
+
+    ``max_concurrent_queries`` bounds the requests in flight across all detectors, and
+    ``up`` reports whether the last request reached the API and got a non-5xx answer.
+    """
+
+    def __init__(self, config: SourceConfig):
+        self.config = config
+        self.up = None
+        self._slots = threading.BoundedSemaphore(config.max_concurrent_queries)
+        self._client = PrometheusConnect(
+            url=config.url,
+            headers=self._headers(),
+            retry=Retry(total=0, raise_on_status=False),
+            auth=self._basic_auth(),
+            session=self._session(),
+            timeout=config.timeout,
+            method="POST",
+        )
+
+    def _headers(self) -> dict[str, str]:
+        headers = dict(self.config.headers)
+        if self.config.bearer_token_file is not None:
+            token = self.config.bearer_token_file.read_text(encoding="utf-8").strip()
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    def _basic_auth(self):
+        auth = self.config.basic_auth
+        if auth is None:
+            return None
+        password = auth.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        return (auth.username, password)
+
+    def _session(self) -> requests.Session:
+        session = requests.Session()
+        tls = self.config.tls
+        session.verify = False if tls.insecure_skip_verify else (str(tls.ca_file) if tls.ca_file else True)
+        if tls.cert_file is not None:
+            session.cert = (str(tls.cert_file), str(tls.key_file))
+        return session
+
+    def close(self) -> None:
+        self._client._session.close()
+
+    def query_range(self, query: str, start: float, end: float, step: float) -> Panel:
+        """Run a range query, chunked, and assemble the answers on one time grid."""
+        timestamps = grid(start, end, step)
+        max_points = self.config.max_points_per_query
+        rows: dict[tuple, np.ndarray] = {}
+        labels: dict[tuple, dict[str, str]] = {}
+        non_finite = 0
+        duplicates = 0
+
+        for first in range(0, timestamps.size, max_points):
+            chunk = timestamps[first : first + max_points]
+            result = self._request(query, float(chunk[0]), float(chunk[-1]), step)
+            seen_in_chunk = set()
+            for series in result:
+                metric = {k: v for k, v in series.get("metric", {}).items() if k != "__name__"}
+                key = tuple(sorted(metric.items()))
+                if key in seen_in_chunk:
+                    duplicates += 1
+                    continue
+                seen_in_chunk.add(key)
+                row = rows.get(key)
+                if row is None:
+                    row = rows[key] = np.full(timestamps.size, np.nan)
+                    labels[key] = metric
+                non_finite += self._fill_row(row, series.get("values", []), start, step)
+
+        keys = list(rows)
+        values = np.vstack([rows[k] for k in keys]) if keys else np.empty((0, timestamps.size))
+        return Panel(values, timestamps, [labels[k] for k in keys], non_finite, duplicates)
+
+    @staticmethod
+    def _fill_row(row: np.ndarray, samples: list, start: float, step: float) -> int:
+        if not samples:
+            return 0
+        pairs = np.array(samples, dtype=object)
+        times = pairs[:, 0].astype(np.float64)
+        numbers = pairs[:, 1].astype(np.float64)
+        index = np.rint((times - start) / step).astype(np.int64)
+        inside = (index >= 0) & (index < row.size)
+        finite = np.isfinite(numbers)
+        row[index[inside & finite]] = numbers[inside & finite]
+        return int(np.count_nonzero(inside & ~finite))
+
+    def _request(self, query: str, start: float, end: float, step: float) -> list:
+        attempts = self.config.max_retries + 1
+        delay = 0.5
+        for attempt in range(1, attempts + 1):
+            try:
+                with self._slots:
+                    result = self._client.custom_query_range(
+                        query,
+                        start_time=_utc(start),
+                        end_time=_utc(end),
+                        step=f"{step:g}",
+                        params={"timeout": f"{self.config.timeout:g}s"},
+                    )
+                self.up = True
+                return result
+            except PrometheusApiClientException as error:
+                status, message = _server_message(error)
+                if status is not None and 400 <= status < 500 and status != 429:
+                    self.up = True
+                    raise QueryError(f"query rejected with HTTP {status}: {message}") from None
+                reason = f"HTTP {status}: {message}" if status else message
+            except requests.Timeout:
+                reason = f"timed out after {self.config.timeout:g}s"
+            except requests.RequestException as error:
+                reason = f"request failed: {type(error).__name__}: {_short(error)}"
+            except ValueError as error:
+                reason = f"invalid response: {error}"
+            self.up = False
+            if attempt == attempts:
+                raise SourceUnavailable(f"{self.config.url} {reason} (after {attempts} attempts)")
+            log.warning("query to %s failed (%s); retry %d of %d in %.1fs", self.config.url, reason, attempt, attempts - 1, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
+
+
+def _short(error: Exception) -> str:
+    text = str(error)
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _utc(seconds: float):
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
