@@ -93,7 +93,7 @@ def _local_clock(timestamps: np.ndarray, timezone: str) -> tuple[np.ndarray, np.
     """Return (seconds since local midnight, seconds since local Monday 00:00) for unix timestamps."""
     local = pd.to_datetime(timestamps, unit="s", utc=True).tz_convert(timezone)
     seconds_of_day = (local.hour * 3600 + local.minute * 60 + local.second).to_numpy(dtype=np.float64)
-    seconds_of_week = local.dayofweek.to_numpy(dtype=np.float64) * DAY + seconds_of_day
+    seconds_of_week = local.day_of_week.to_numpy(dtype=np.float64) * DAY + seconds_of_day
     return seconds_of_day, seconds_of_week
 
 
