@@ -1,0 +1,1 @@
+"""Local Prometheus and Alertmanager stack for the demo and the integration tests."""
