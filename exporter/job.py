@@ -85,6 +85,10 @@ class DetectorJob:
         self._fingerprint = config.fingerprint()
         self._detector_type = detector_class(config.type)
         self._params = config.typed_params()
+        # Children start at 0 so that increase() in the alert rules sees a first failure.
+        for phase in ("fit", "score"):
+            for result in ("success", "failure"):
+                metrics.runs.labels(self.name, phase, result)
 
     @property
     def name(self) -> str:

@@ -1,0 +1,1 @@
+"""Prometheus alerting and recording rules for anomaly-exporter, rendered by rules.render."""
