@@ -113,9 +113,8 @@ class Exporter:
         self.jobs[detector.name] = job
         now = datetime.now(timezone.utc)
         self.scheduler.add_job(
-            self._fit_then_score,
+            job.fit,
             IntervalTrigger(seconds=detector.fit_every),
-            args=[job],
             id=f"{detector.name}:fit",
             name=f"{detector.name} fit",
             next_run_time=now,
@@ -127,13 +126,6 @@ class Exporter:
             name=f"{detector.name} score",
             next_run_time=now + timedelta(milliseconds=100),
         )
-
-    @staticmethod
-    def _fit_then_score(job: DetectorJob) -> None:
-        # Scoring right after a fit puts a fresh model's results on /metrics without waiting
-        # for the next score interval.
-        job.fit()
-        job.score()
 
     def _remove_job(self, name: str) -> None:
         for suffix in (":fit", ":score"):

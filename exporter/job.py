@@ -207,6 +207,7 @@ class DetectorJob:
             keys = [series_key(labels) for labels in panel.labels]
             self._save(model, keys)
             self._install(model, keys)
+            self._score_fit_tail(model, keys, panel, end)
         except (QueryError, SourceUnavailable, JobError, ValueError) as error:
             self._failed("fit", started, error)
             return
@@ -219,6 +220,21 @@ class DetectorJob:
         ready = int(np.count_nonzero(model.ready_))
         log.info("detector=%s fit %d series (%d ready) on %d points each in %.2fs",
                  self.name, len(keys), ready, panel.timestamps.size, time.monotonic() - started)
+
+    def _score_fit_tail(self, model, keys: list[tuple], panel: Panel, end: float) -> None:
+        """Publish results for the newest points of the fit data, so a new model shows at once.
+
+        Without this, a series whose data stopped advancing (or a long step) would show no
+        score until its next sample arrives.
+        """
+        recent = panel.timestamps >= end - self.config.stale_seconds
+        if not recent.any():
+            return
+        tail = Panel(panel.values[:, recent], panel.timestamps[recent], panel.labels)
+        with self._score_lock:
+            self._score_panel(model, {key: row for row, key in enumerate(keys)}, tail)
+            self._last_scored = max(self._last_scored or end, end)
+            self._publish()
 
     def score(self) -> None:
         """Score every new point since the last run and publish the latest result per series."""

@@ -7,6 +7,7 @@ for example) raises QueryError with the server's own message.
 
 import logging
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -194,8 +195,12 @@ class PrometheusSource:
 
 
 def _short(error: Exception) -> str:
+    """Reduce a requests/urllib3 error to its cause, such as "[Errno 111] Connection refused"."""
     text = str(error)
-    return text if len(text) <= 300 else text[:300] + "..."
+    cause = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
+    if cause:
+        return cause.group(0)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _utc(seconds: float):

@@ -1,0 +1,219 @@
+"""The end-to-end demo: real Prometheus and Alertmanager, real NAB data, a simulator, the exporter.
+
+Run it from a source checkout with ``make demo`` or ``python -m exporter.demo``. It starts
+everything on 127.0.0.1, backfills history that ends now, runs the exporter as a child
+process with ``examples/demo/exporter.yml`` and prints every alert Alertmanager delivers.
+"""
+
+import argparse
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+import yaml
+
+from exporter.demo import nab
+from exporter.demo.simulator import LiveServer, default_simulator
+from exporter.demo.stack import AlertmanagerProcess, PrometheusProcess, WebhookReceiver, backfill_series, free_port
+from exporter.durations import parse_duration
+from rules.render import RuleParameters, render_rule_groups
+
+log = logging.getLogger("exporter.demo")
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = ROOT / "examples" / "demo" / "exporter.yml"
+ALERTMANAGER_EXAMPLE = ROOT / "examples" / "alertmanager" / "alertmanager.yml"
+
+SIMULATOR_JOB = "demo"
+HISTORY_DAYS = 8
+HISTORY_STEP = 60.0
+
+# Alert timing shortened so the demo shows both tiers within minutes; production values are
+# the defaults of rules/render.py.
+DEMO_RULES = RuleParameters(
+    evaluation_interval="10s",
+    warning_for="1m",
+    critical_for="1m",
+    escalation_window="5m",
+)
+
+# When the demo makes host h2's CPU misbehave, relative to the start, and how strongly.
+INJECTION_DELAY = 180.0
+INJECTION_NOISE_UNITS = 14.0
+INJECTION_SECONDS = 600.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m exporter.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", default="15m", help="how long to run, as a Prometheus duration (default 15m)")
+    parser.add_argument(
+        "--exporter-port", type=int, default=0, help="port of the exporter's /metrics on 127.0.0.1 (default: a free port)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (data, logs, configs) at the end")
+    return parser
+
+
+def _history(now: float, live: LiveServer, simulator) -> list:
+    series = list(
+        simulator.history(now - HISTORY_DAYS * 86400, now - HISTORY_STEP, HISTORY_STEP, job=SIMULATOR_JOB, instance=live.target)
+    )
+    for item in nab.load_all(now - 60.0):
+        series.append((item.metric, item.labels, item.timestamps, item.values))
+    return series
+
+
+def _exporter_config(work: Path, prometheus_url: str, port: int) -> Path:
+    config = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
+    config["source"]["url"] = prometheus_url
+    config["listen_address"] = f"127.0.0.1:{port}"
+    config["state_dir"] = str(work / "state")
+    path = work / "exporter.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _inhibit_rules() -> list:
+    return yaml.safe_load(ALERTMANAGER_EXAMPLE.read_text(encoding="utf-8")).get("inhibit_rules", [])
+
+
+def _format_alert(alert: dict) -> str:
+    labels = alert.get("labels", {})
+    status = alert.get("status", "?").upper()
+    who = " ".join(f"{k}={labels[k]}" for k in ("detector", "entity") if k in labels)
+    summary = alert.get("annotations", {}).get("summary", "")
+    return f"{time.strftime('%H:%M:%S')} {status:8} {labels.get('severity', '-'):8} {labels.get('alertname', '?')} {who}  {summary}"
+
+
+def _run_summary(metrics_url: str) -> list[str]:
+    """Read the exporter's run duration histograms and series counts from its /metrics."""
+    try:
+        text = requests.get(metrics_url, timeout=5).text
+    except requests.RequestException as error:
+        return [f"could not read {metrics_url}: {error}"]
+    totals: dict[tuple, list[float]] = {}
+    series: dict[tuple, float] = {}
+    for line in text.splitlines():
+        match = re.match(r'anomaly_exporter_run_duration_seconds_(sum|count)\{detector="([^"]+)",phase="([^"]+)"\} (\S+)', line)
+        if match:
+            kind, detector, phase, value = match.groups()
+            entry = totals.setdefault((detector, phase), [0.0, 0.0])
+            entry[0 if kind == "sum" else 1] = float(value)
+        match = re.match(r'anomaly_exporter_series\{detector="([^"]+)",state="([^"]+)"\} (\S+)', line)
+        if match:
+            series[(match.group(1), match.group(2))] = float(match.group(3))
+    lines = [f"{'detector':24} {'series ready':>12} {'fits':>5} {'mean fit s':>11} {'scores':>7} {'mean score s':>13}"]
+    for detector in sorted({d for d, _ in totals}):
+        fit_sum, fits = totals.get((detector, "fit"), [0.0, 0.0])
+        score_sum, scores = totals.get((detector, "score"), [0.0, 0.0])
+        lines.append(
+            f"{detector:24} {series.get((detector, 'ready'), 0):12.0f} {fits:5.0f} {fit_sum / max(fits, 1):11.3f} "
+            f"{scores:7.0f} {score_sum / max(scores, 1):13.4f}"
+        )
+    return lines
+
+
+def run_demo(duration: float, exporter_port: int, keep: bool) -> int:
+    work = Path(tempfile.mkdtemp(prefix="anomaly-exporter-demo-"))
+    now = time.time()
+    simulator = default_simulator(now)
+    processes = []
+    exporter = None
+    print(f"work folder: {work}")
+    try:
+        live = LiveServer(simulator)
+        processes.append(live)
+        print("backfilling 8 days of simulated tenants, hosts and equipment and 3 NAB series ...")
+        samples = backfill_series(_history(now, live, simulator), work / "tsdb")
+        print(f"  {samples} samples written")
+
+        receiver = WebhookReceiver().start()
+        processes.append(receiver)
+        alertmanager = AlertmanagerProcess(
+            receiver.url, group_by=["alertname", "detector", "entity"], inhibit_rules=_inhibit_rules()
+        ).start()
+        processes.append(alertmanager)
+
+        rules_path = work / "rules.yml"
+        rules_path.write_text(yaml.safe_dump(render_rule_groups(DEMO_RULES), sort_keys=False), encoding="utf-8")
+        exporter_port = exporter_port or free_port()
+        prometheus = PrometheusProcess(
+            work / "tsdb",
+            scrape_configs=[
+                {"job_name": SIMULATOR_JOB, "targets": [live.target], "scrape_interval": "10s"},
+                {"job_name": "anomaly-exporter", "targets": [f"127.0.0.1:{exporter_port}"],
+                 "scrape_interval": "10s", "honor_labels": True},
+            ],
+            rule_files=[rules_path],
+            alertmanager_url=alertmanager.url,
+            evaluation_interval="10s",
+        ).start()
+        processes.append(prometheus)
+
+        config_path = _exporter_config(work, prometheus.url, exporter_port)
+        log_path = work / "exporter.log"
+        environment = dict(os.environ, PYTHONPATH=str(ROOT))
+        exporter = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "run", "--config", str(config_path)],
+            stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"), env=environment,
+        )
+        metrics_url = f"http://127.0.0.1:{exporter_port}/metrics"
+        print(f"Prometheus:   {prometheus.url}")
+        print(f"Alertmanager: {alertmanager.url}")
+        print(f"exporter:     {metrics_url}  (log: {log_path})")
+        print(f"running for {duration:g}s; host h2's CPU gets an injected spike after {INJECTION_DELAY:g}s\n")
+
+        started = time.monotonic()
+        injected = False
+        shown = 0
+        while time.monotonic() - started < duration:
+            if exporter.poll() is not None:
+                print(f"the exporter exited with status {exporter.returncode}; see {log_path}")
+                return 1
+            if not injected and time.monotonic() - started >= INJECTION_DELAY:
+                live.inject({"host": "h2"}, metric="demo_host_cpu_utilisation_ratio",
+                            kind="level_shift", magnitude=INJECTION_NOISE_UNITS, duration=INJECTION_SECONDS)
+                print(f"{time.strftime('%H:%M:%S')} injected: host h2 CPU up by {INJECTION_NOISE_UNITS:g} noise units")
+                injected = True
+            alerts = receiver.alerts()
+            for alert in alerts[shown:]:
+                print(_format_alert(alert))
+            shown = len(alerts)
+            time.sleep(1.0)
+
+        print("\nexporter runs (durations include the queries):")
+        for line in _run_summary(metrics_url):
+            print("  " + line)
+        print(f"\n{shown} alert notifications received")
+        return 0
+    finally:
+        if exporter is not None and exporter.poll() is None:
+            exporter.terminate()
+            try:
+                exporter.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                exporter.kill()
+        for process in reversed(processes):
+            process.stop()
+        if keep:
+            print(f"kept {work}")
+        else:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        duration = parse_duration(args.duration)
+    except ValueError as error:
+        print(f"--duration: {error}", file=sys.stderr)
+        return 2
+    return run_demo(duration, args.exporter_port, args.keep)

@@ -1,0 +1,215 @@
+"""End to end on real processes: backfilled Prometheus, the exporter, the rules, Alertmanager.
+
+One scenario, in order: history is backfilled, the exporter fits and scores, an anomaly is
+injected into one live host, the webhook receives its warning and then its critical alert
+and nothing for the clean hosts; then Prometheus goes away and comes back while /metrics
+keeps answering.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from exporter.demo.simulator import LiveServer, Simulator, default_series
+from exporter.demo.stack import (
+    AlertmanagerProcess,
+    PrometheusProcess,
+    WebhookReceiver,
+    backfill_series,
+    free_port,
+)
+from rules.render import RuleParameters, render_rule_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+HOSTS = ("h1", "h2", "h3", "h4")
+TARGET_HOST = "h2"
+CPU_METRIC = "demo_host_cpu_utilisation_ratio"
+STALE_SECONDS = 40
+
+pytestmark = pytest.mark.stack
+
+FAST_RULES = RuleParameters(
+    evaluation_interval="1s",
+    warning_for="5s",
+    critical_for="20s",
+    escalation_window="10m",
+    source_down_for="5s",
+)
+
+
+def host_cpu_simulator() -> Simulator:
+    series = [s for s in default_series() if s.metric == CPU_METRIC and s.labels.get("host") in HOSTS]
+    return Simulator(series, anomalies=(), seed=3)
+
+
+def exporter_config(path: Path, prometheus_url: str, port: int) -> None:
+    config = {
+        "source": {"url": prometheus_url, "query_delay": "0s", "timeout": "2s", "max_retries": 1},
+        "listen_address": f"127.0.0.1:{port}",
+        "state_dir": str(path.parent / "state"),
+        "detectors": [
+            {
+                "name": "host_cpu",
+                "query": CPU_METRIC,
+                "entity_labels": ["host"],
+                "type": "seasonal",
+                "params": {"min_history": "1d"},
+                "fit_window": "3d",
+                "fit_every": "1h",
+                "score_every": "2s",
+                "step": "5s",
+                "stale_after": f"{STALE_SECONDS}s",
+            }
+        ],
+    }
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+
+
+def scrape(url: str) -> tuple[float, str]:
+    started = time.monotonic()
+    text = requests.get(url, timeout=5).text
+    return time.monotonic() - started, text
+
+
+def samples(text: str, metric: str) -> dict[str, float]:
+    found = {}
+    for line in text.splitlines():
+        match = re.match(rf"{metric}(?:\{{(.*)\}})? (\S+)$", line)
+        if match:
+            found[match.group(1) or ""] = float(match.group(2))
+    return found
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = condition()
+        except requests.ConnectionError as error:
+            last = error
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last value: {last!r}")
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """History in Prometheus, Alertmanager with a webhook, and the exporter running."""
+    now = time.time()
+    simulator = host_cpu_simulator()
+    live = LiveServer(simulator)
+    history = list(simulator.history(now - 3.5 * 86400, now - 30, 60.0, job="demo", instance=live.target))
+    backfill_series(history, tmp_path / "tsdb")
+
+    receiver = WebhookReceiver().start()
+    alertmanager = AlertmanagerProcess(
+        receiver.url,
+        group_by=["alertname", "detector", "entity"],
+        inhibit_rules=yaml.safe_load((ROOT / "examples/alertmanager/alertmanager.yml").read_text())["inhibit_rules"],
+    ).start()
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump(render_rule_groups(FAST_RULES), sort_keys=False))
+    exporter_port = free_port()
+    prometheus = PrometheusProcess(
+        tmp_path / "tsdb",
+        scrape_configs=[
+            {"job_name": "demo", "targets": [live.target], "scrape_interval": "1s"},
+            {"job_name": "anomaly-exporter", "targets": [f"127.0.0.1:{exporter_port}"],
+             "scrape_interval": "1s", "honor_labels": True},
+        ],
+        rule_files=[rules],
+        alertmanager_url=alertmanager.url,
+        evaluation_interval="1s",
+    ).start()
+
+    config = tmp_path / "exporter.yml"
+    exporter_config(config, prometheus.url, exporter_port)
+    log_path = tmp_path / "exporter.log"
+    with open(log_path, "wb") as log_file:
+        exporter = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "run", "--config", str(config)],
+            stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+    try:
+        yield {
+            "live": live, "receiver": receiver, "prometheus": prometheus, "alertmanager": alertmanager,
+            "metrics_url": f"http://127.0.0.1:{exporter_port}/metrics", "log": log_path, "exporter": exporter,
+        }
+    finally:
+        exporter.terminate()
+        try:
+            exporter.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            exporter.kill()
+        prometheus.close()
+        alertmanager.close()
+        receiver.stop()
+        live.stop()
+        print(log_path.read_text()[-4000:])
+
+
+def anomaly_alerts(receiver) -> list[dict]:
+    return [a for a in receiver.alerts() if a["labels"].get("alertname") == "AnomalyDetected"]
+
+
+def test_alert_tiers_then_outage(stack):
+    receiver, live, metrics_url = stack["receiver"], stack["live"], stack["metrics_url"]
+
+    # Every host gets a ready model and a score within a minute of start.
+    def all_scored():
+        _, text = scrape(metrics_url)
+        scores = samples(text, "anomaly_score")
+        return len(scores) == len(HOSTS) and scores
+
+    scores = wait_until(all_scored, 60, "a score for every host")
+    assert all(value < 1 for value in scores.values()), f"clean hosts score high before injection: {scores}"
+
+    # Quiet period: the clean hosts raise nothing.
+    time.sleep(15)
+    assert anomaly_alerts(receiver) == []
+
+    live.inject({"host": TARGET_HOST}, metric=CPU_METRIC, kind="level_shift", magnitude=15.0, duration=None)
+    warning = receiver.wait_for(
+        lambda a: a["labels"].get("alertname") == "AnomalyDetected" and a["labels"].get("severity") == "warning"
+        and a["status"] == "firing", timeout=90)
+    critical = receiver.wait_for(
+        lambda a: a["labels"].get("alertname") == "AnomalyDetected" and a["labels"].get("severity") == "critical"
+        and a["status"] == "firing", timeout=90)
+    assert warning[0]["labels"]["entity"] == f"host={TARGET_HOST}"
+    assert critical[0]["labels"]["entity"] == f"host={TARGET_HOST}"
+    assert warning[0]["startsAt"] <= critical[0]["startsAt"]
+    assert critical[0]["labels"]["detector"] == "host_cpu"
+    assert critical[0]["annotations"]["runbook_url"].endswith("/anomaly-detected.md")
+    assert "host%3Dh2" in critical[0]["annotations"]["dashboard_url"]
+    other_entities = {a["labels"].get("entity") for a in anomaly_alerts(receiver)} - {f"host={TARGET_HOST}"}
+    assert other_entities == set()
+
+    # Prometheus goes away: /metrics still answers at once, reports the source down and,
+    # once the input is stale, exposes no scores.
+    prometheus = stack["prometheus"]
+    with prometheus.stopped():
+        wait_until(lambda: samples(scrape(metrics_url)[1], "anomaly_exporter_source_up").get("") == 0.0,
+                   30, "anomaly_exporter_source_up 0")
+        elapsed, _ = scrape(metrics_url)
+        assert elapsed < 1.0
+        wait_until(lambda: not samples(scrape(metrics_url)[1], "anomaly_score"), STALE_SECONDS + 30,
+                   "stale scores to disappear")
+        elapsed, text = scrape(metrics_url)
+        assert elapsed < 1.0
+        assert samples(text, "anomaly_model_ready") == {}
+        assert stack["exporter"].poll() is None
+
+    # Back again: the source is up and every host is scored once more.
+    wait_until(lambda: samples(scrape(metrics_url)[1], "anomaly_exporter_source_up").get("") == 1.0,
+               60, "anomaly_exporter_source_up 1")
+    scores = wait_until(all_scored, 60, "scores after the source returned")
+    assert scores[next(k for k in scores if f'host="{TARGET_HOST}"' in k)] >= 1
