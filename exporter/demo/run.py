@@ -38,8 +38,8 @@ HISTORY_STEP = 60.0
 # the defaults of rules/render.py.
 DEMO_RULES = RuleParameters(
     evaluation_interval="10s",
-    warning_for="1m",
-    critical_for="1m",
+    warning_for="30s",
+    critical_for="2m",
     escalation_window="5m",
 )
 
@@ -86,8 +86,9 @@ def _format_alert(alert: dict) -> str:
     labels = alert.get("labels", {})
     status = alert.get("status", "?").upper()
     who = " ".join(f"{k}={labels[k]}" for k in ("detector", "entity") if k in labels)
-    summary = alert.get("annotations", {}).get("summary", "")
-    return f"{time.strftime('%H:%M:%S')} {status:8} {labels.get('severity', '-'):8} {labels.get('alertname', '?')} {who}  {summary}"
+    annotations = alert.get("annotations", {})
+    text = annotations.get("description") or annotations.get("summary", "")
+    return f"{time.strftime('%H:%M:%S')} {status:8} {labels.get('severity', '-'):8} {labels.get('alertname', '?')} {who}\n         {text}"
 
 
 def _run_summary(metrics_url: str) -> list[str]:
