@@ -23,6 +23,8 @@ def row_quantiles(values: np.ndarray, quantiles, *, sorted_values: np.ndarray | 
     if sorted_values is not None:
         return _sorted_quantiles(values, sorted_values, quantiles)
     has_nan = np.isnan(values).any(axis=1)
+    if not has_nan.any():
+        return _complete_quantiles(values, quantiles)
     complete = ~has_nan
     if complete.any():
         result[complete] = _complete_quantiles(values[complete], quantiles)
@@ -71,10 +73,10 @@ def grouped_row_median(values: np.ndarray, groups: np.ndarray, n_groups: int) ->
     result = np.full((values.shape[0], n_groups), np.nan)
     order = np.argsort(groups, kind="stable")
     boundaries = np.searchsorted(groups[order], np.arange(n_groups + 1))
+    grouped = values[:, order]
     for group in range(n_groups):
-        columns = order[boundaries[group] : boundaries[group + 1]]
-        if columns.size:
-            result[:, group] = row_median(values[:, columns])
+        if boundaries[group + 1] > boundaries[group]:
+            result[:, group] = row_median(grouped[:, boundaries[group] : boundaries[group + 1]])
     return result
 
 
