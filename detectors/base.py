@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import BaseModel
 
 # Bumped when the saved state layout of any detector changes; older files are refitted.
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)

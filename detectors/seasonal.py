@@ -35,9 +35,20 @@ SEASONALITY_NAMES = {NONE: "none", DAILY: "daily", WEEKLY: "weekly"}
 # Two-sided 99% quantile of the standard normal distribution.
 NORMAL_Q99 = 2.5758
 
+# Half-lives the level tracking chooses from with ``level_halflife: auto``, fast to slow.
+HALFLIFE_CANDIDATES = (1800.0, 7200.0, 21600.0, 86400.0)
+
+# Newest columns of the fit window replayed through the level tracker to choose its speed
+# and to measure the one-step noise.
+TRACKER_COLUMNS = 2016
+
 # Columns used to choose the seasonality and to estimate resolution and tails; an even subset
 # of 14 days at 5 minutes keeps the estimates stable at a third of the cost.
 SELECTION_COLUMNS = 1344
+
+# Most a heavy tail may widen the band. Student's t noise with 3 degrees of freedom needs
+# about 2; anomalies inside the fit window would push it far higher and hide the next ones.
+MAX_TAIL_FACTOR = 3.0
 
 # Prior weight, in samples, of a series' overall spread in each time-of-day bucket's spread.
 SPREAD_PRIOR_SAMPLES = 30.0
@@ -64,8 +75,8 @@ class SeasonalParams(BaseModel):
     min_history: str = "1d"
     """History with data a series needs before it is scored."""
 
-    level_halflife: str = "6h"
-    """Half-life of the level tracking that follows slow drift; longer absorbs shifts more slowly."""
+    level_halflife: str = "auto"
+    """Half-life of the level tracking, or ``auto`` to pick per series the one that predicts best."""
 
     min_seasonal_strength: float = Field(default=0.2, ge=0, le=1)
     """Share of variance a cycle must explain for ``auto`` to choose it."""
@@ -79,6 +90,8 @@ class SeasonalParams(BaseModel):
     @field_validator("bucket", "min_history", "level_halflife")
     @classmethod
     def _valid_duration(cls, value: str) -> str:
+        if value == "auto":
+            return value
         seconds = parse_duration(value)
         if seconds <= 0:
             raise ValueError(f"expected a positive duration, got {value!r}")
@@ -225,14 +238,27 @@ class SeasonalDetector(Detector):
         profile[is_weekly] = weekly[is_weekly]
         self.profile_ = profile.astype(np.float32)
 
+        # Level tracking: per series, choose how fast the level follows the data by the
+        # one-step-ahead error over the newest TRACKER_COLUMNS columns, then keep those errors.
+        window = slice(max(0, timestamps.size - TRACKER_COLUMNS), None)
+        recent = (values[:, window] - offset[:, None]).astype(np.float32)
+        recent -= _interpolate(self.profile_, *(p[window] for p in week_pos))
+        floor = self._spread_floor(values[:, columns])
+        steps = np.diff(recent, axis=1)
+        rough = np.maximum(np.nan_to_num(MAD_TO_SIGMA * _mad(steps) / np.sqrt(2)), floor)
+        del steps
+        self.halflife_ = self._choose_halflife(recent, rough)
+        level, errors = self._track(recent, rough, self.halflife_, keep_errors=True)
+        burn_in = errors.shape[1] // 10
+        errors = errors[:, burn_in:]
+        error_bucket = day_bucket[window][burn_in:]
+
         # Noise scale per time-of-day bucket, shrunk toward the series' overall scale.
-        residual = detrended
-        residual -= _interpolate(self.profile_, *week_pos)
-        residual -= row_median(residual[:, columns])[:, None].astype(np.float32)
-        np.abs(residual, out=residual)
-        overall = MAD_TO_SIGMA * row_median(residual[:, columns])
-        bucket_mad = MAD_TO_SIGMA * grouped_row_median(residual, day_bucket, self.day_buckets_)
-        samples = grouped_valid_count(residual, day_bucket, self.day_buckets_)
+        errors -= row_median(errors)[:, None].astype(np.float32)
+        np.abs(errors, out=errors)
+        overall = MAD_TO_SIGMA * row_median(errors)
+        bucket_mad = MAD_TO_SIGMA * grouped_row_median(errors, error_bucket, self.day_buckets_)
+        samples = grouped_valid_count(errors, error_bucket, self.day_buckets_)
         bucket_mad = np.where(np.isnan(bucket_mad), overall[:, None], bucket_mad)
         spread = np.sqrt(
             (samples * bucket_mad**2 + SPREAD_PRIOR_SAMPLES * overall[:, None] ** 2)
@@ -240,20 +266,72 @@ class SeasonalDetector(Detector):
         )
 
         # Floors: the series' resolution and a fraction of its level keep flat series quiet.
-        spread = np.maximum(spread, self._spread_floor(values[:, columns])[:, None])
+        spread = np.maximum(np.nan_to_num(spread), floor[:, None])
 
         # Widen series whose tails are heavier than normal so one threshold fits all.
-        z = residual[:, columns] / spread[:, day_bucket[columns]]
+        z = errors / spread[:, error_bucket]
         tail = row_quantiles(z, [0.99])[:, 0]
-        self.tail_factor_ = np.clip(np.nan_to_num(tail / NORMAL_Q99, nan=1.0), 1.0, 10.0)
+        self.tail_factor_ = np.clip(np.nan_to_num(tail / NORMAL_Q99, nan=1.0), 1.0, MAX_TAIL_FACTOR)
         self.spread_ = (spread * self.tail_factor_[:, None]).astype(np.float32)
-        del residual
+        del errors, z
 
         # Level at the end of the fit window, where scoring continues.
-        self.level_ = self._initial_level(values, week_pos)
+        self.level_ = level.astype(np.float64) + offset
         self.fitted_until_ = float(timestamps[-1]) if timestamps.size else 0.0
         self.ready_mask_ &= np.isfinite(self.level_)
         self.level_ = np.nan_to_num(self.level_)
+
+    def _halflife_candidates(self) -> tuple[float, ...]:
+        if self.params.level_halflife == "auto":
+            return HALFLIFE_CANDIDATES
+        return (parse_duration(self.params.level_halflife),)
+
+    def _choose_halflife(self, recent: np.ndarray, rough: np.ndarray) -> np.ndarray:
+        """Pick per series the slowest candidate whose one-step error is within 5 % of the best."""
+        candidates = self._halflife_candidates()
+        n_series = recent.shape[0]
+        if len(candidates) == 1:
+            return np.full(n_series, candidates[0])
+        # All candidates run in one pass over the columns, stacked as extra rows.
+        stacked = np.repeat(np.asarray(candidates), n_series)
+        _, cost = self._track(np.tile(recent, (len(candidates), 1)), np.tile(rough, len(candidates)), stacked)
+        costs = cost.reshape(len(candidates), n_series)
+        best = np.nanmin(costs, axis=0)
+        acceptable = costs <= 1.05 * best[None, :] + 1e-12
+        # Candidates are sorted from fast to slow, so the last acceptable one is the slowest.
+        slowest = len(candidates) - 1 - np.argmax(acceptable[::-1], axis=0)
+        slowest = np.where(np.isfinite(best), slowest, len(candidates) - 1)
+        return np.asarray(candidates)[slowest]
+
+    def _track(self, recent, rough, halflife, keep_errors=False):
+        """Run the level tracker of ``score`` over ``recent`` (deseasonalised, centred values).
+
+        Returns the final level and either every one-step error (``keep_errors``) or the
+        mean clipped absolute error in units of ``rough``, the cost used to pick a half-life.
+        """
+        n_series, width = recent.shape
+        alpha = (1.0 - 0.5 ** (self.step / halflife)).astype(np.float32)
+        limit = (self.params.band_sigmas * rough).astype(np.float32)
+        start = recent[:, : max(3, min(width, 12))]
+        level = np.nan_to_num(row_median(start)).astype(np.float32)
+        burn_in = width // 10
+        errors = np.empty((n_series, width), dtype=np.float32) if keep_errors else None
+        cost = np.zeros(n_series)
+        counted = np.zeros(n_series)
+        for column in range(width):
+            error = recent[:, column] - level
+            missing = np.isnan(error)
+            clipped = np.clip(np.where(missing, 0.0, error), -limit, limit)
+            level += alpha * clipped
+            if keep_errors:
+                errors[:, column] = error
+            elif column >= burn_in:
+                cost += np.abs(clipped)
+                counted += ~missing
+        if keep_errors:
+            return level, errors
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return level, cost / counted / rough
 
     def _effective_bucket(self) -> float:
         bucket = parse_duration(self.params.bucket)
@@ -328,17 +406,6 @@ class SeasonalDetector(Detector):
         # A series that never moved and sits at zero still needs a positive scale.
         return np.maximum(floor, 1e-9)
 
-    def _initial_level(self, values: np.ndarray, week_pos) -> np.ndarray:
-        window = max(1, int(round(parse_duration(self.params.level_halflife) / self.step)))
-        recent = values[:, -window:] - _interpolate(self.profile_, *(p[-window:] for p in week_pos))
-        level = row_median(recent)
-        missing = np.flatnonzero(np.isnan(level))
-        if missing.size:
-            # Series without data in the last window fall back to their whole history.
-            whole = values[missing] - _interpolate(self.profile_[missing], *week_pos)
-            level[missing] = row_median(whole)
-        return level
-
     @property
     def ready_(self) -> np.ndarray:
         return self.ready_mask_
@@ -361,7 +428,7 @@ class SeasonalDetector(Detector):
         season = _interpolate(self.profile_[rows], *week_pos)
         spread = self.spread_[rows][:, day_bucket].astype(np.float64)
         ready = self.ready_mask_[rows]
-        alpha = 1.0 - 0.5 ** (self.step / parse_duration(self.params.level_halflife))
+        alpha = 1.0 - 0.5 ** (self.step / self.halflife_[rows])
         band = self.params.band_sigmas
         level = self.level_[rows].copy()
 
@@ -394,6 +461,7 @@ class SeasonalDetector(Detector):
             "ready": self.ready_mask_,
             "seasonality": self.seasonality_,
             "tail_factor": self.tail_factor_,
+            "halflife": self.halflife_,
         }
         meta = {
             "format_version": STATE_FORMAT_VERSION,
@@ -417,6 +485,7 @@ class SeasonalDetector(Detector):
             ready = np.asarray(arrays["ready"], dtype=bool)
             seasonality = np.asarray(arrays["seasonality"], dtype=np.int8)
             tail_factor = np.asarray(arrays["tail_factor"], dtype=np.float64)
+            halflife = np.asarray(arrays["halflife"], dtype=np.float64)
             bucket = float(meta["bucket"])
             day_buckets = int(meta["day_buckets"])
         except (KeyError, TypeError, ValueError) as error:
@@ -428,16 +497,19 @@ class SeasonalDetector(Detector):
             "ready": (ready.shape, (n_series,)),
             "seasonality": (seasonality.shape, (n_series,)),
             "tail_factor": (tail_factor.shape, (n_series,)),
+            "halflife": (halflife.shape, (n_series,)),
         }
         for name, (actual, wanted) in expected_shapes.items():
             if actual != wanted:
                 raise StateError(f"state array {name!r} has shape {actual}, expected {wanted}")
         if bucket != self._effective_bucket() or day_buckets * bucket != DAY:
             raise StateError(f"state bucket {bucket:g}s does not match the configured bucket")
-        if not (np.all(np.isfinite(profile)) and np.all(np.isfinite(spread)) and np.all(spread > 0)):
+        if not (np.all(np.isfinite(profile)) and np.all(np.isfinite(spread)) and np.all(spread > 0)
+                and np.all(halflife > 0)):
             raise StateError("state holds non-finite or non-positive values")
         self.profile_, self.spread_, self.level_ = profile, spread, level
         self.ready_mask_, self.seasonality_, self.tail_factor_ = ready, seasonality, tail_factor
+        self.halflife_ = halflife
         self.bucket_, self.day_buckets_ = bucket, day_buckets
         self.fitted_until_ = float(meta.get("fitted_until", 0.0))
         return self
