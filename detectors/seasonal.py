@@ -490,6 +490,8 @@ class SeasonalDetector(Detector):
             day_buckets = int(meta["day_buckets"])
         except (KeyError, TypeError, ValueError) as error:
             raise StateError(f"state is incomplete or malformed: {error}") from None
+        if level.ndim != 1:
+            raise StateError(f"state array 'level' has shape {level.shape}, expected one value per series")
         n_series = level.shape[0]
         expected_shapes = {
             "profile": (profile.shape, (n_series, 7 * day_buckets)),
@@ -505,11 +507,14 @@ class SeasonalDetector(Detector):
         if bucket != self._effective_bucket() or day_buckets * bucket != DAY:
             raise StateError(f"state bucket {bucket:g}s does not match the configured bucket")
         if not (np.all(np.isfinite(profile)) and np.all(np.isfinite(spread)) and np.all(spread > 0)
-                and np.all(halflife > 0)):
+                and np.all(np.isfinite(level)) and np.all(halflife > 0)):
             raise StateError("state holds non-finite or non-positive values")
         self.profile_, self.spread_, self.level_ = profile, spread, level
         self.ready_mask_, self.seasonality_, self.tail_factor_ = ready, seasonality, tail_factor
         self.halflife_ = halflife
         self.bucket_, self.day_buckets_ = bucket, day_buckets
-        self.fitted_until_ = float(meta.get("fitted_until", 0.0))
+        fitted_until = float(meta.get("fitted_until", 0.0))
+        if not np.isfinite(fitted_until) or not 0 <= fitted_until < 1e11:
+            raise StateError(f"state has an invalid fitted_until {fitted_until!r}")
+        self.fitted_until_ = fitted_until
         return self

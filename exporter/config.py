@@ -4,12 +4,14 @@ Every user error becomes a ConfigError whose lines name the key path, the bad va
 the expected form, so the CLI can print them and exit with status 2.
 """
 
+import difflib
 import hashlib
 import json
 import re
 import zoneinfo
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -18,12 +20,14 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from detectors import detector_type_names, params_model
-from exporter.durations import parse_duration
+from exporter.durations import format_duration, parse_duration
 
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 DETECTOR_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_:-]*$")
@@ -104,9 +108,25 @@ class SourceConfig(_Strict):
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", url):
-            raise ValueError(f"expected an http:// or https:// URL of the query API, got {url!r}")
+        expected = "expected an http:// or https:// URL of the query API, such as http://prometheus:9090"
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # the property raises ValueError for a port that is not a number from 0 to 65535
+        except ValueError:
+            raise ValueError(expected) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+            raise ValueError(expected)
+        # The source logs its URL on every failed request, so a password in it would end up in the logs.
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("credentials in the URL would be logged: use basic_auth or bearer_token_file instead")
         return url.rstrip("/")
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive_timeout(cls, seconds: float) -> float:
+        if seconds <= 0:
+            raise ValueError("expected a positive duration such as 30s")
+        return seconds
 
     @field_validator("bearer_token_file")
     @classmethod
@@ -131,10 +151,11 @@ class DetectorConfig(_Strict):
     timezone: str = "UTC"
     direction: Literal["both", "up", "down"] = "both"
     labels: dict[str, str] = {}
+    # step comes before fit_window so that the fit_window check can read the validated step.
+    step: Duration = 60.0
     fit_window: Duration = 14 * 86400.0
     fit_every: Duration = 3600.0
     score_every: Duration = 60.0
-    step: Duration = 60.0
     stale_after: Duration | None = None
     max_series: int = Field(default=10000, ge=1)
     counter: bool = False
@@ -184,15 +205,37 @@ class DetectorConfig(_Strict):
             raise ValueError(f"unknown detector type {name!r}: expected one of {', '.join(detector_type_names())}")
         return name
 
-    @model_validator(mode="after")
-    def _check_timing(self):
-        if self.step < 1 or self.step != int(self.step):
-            raise ValueError(f"step must be a whole number of seconds, at least 1s (got {self.step:g}s)")
-        if self.fit_window < 10 * self.step:
-            raise ValueError(f"fit_window must cover at least 10 steps ({10 * self.step:g}s)")
-        if self.score_every < 1:
-            raise ValueError("score_every must be at least 1s")
-        return self
+    @field_validator("step")
+    @classmethod
+    def _whole_seconds(cls, step: float) -> float:
+        if step < 1 or step != int(step):
+            raise ValueError("expected a whole number of seconds, at least 1s")
+        return step
+
+    @field_validator("fit_window")
+    @classmethod
+    def _ten_steps(cls, window: float, info: ValidationInfo) -> float:
+        step = info.data.get("step")  # missing when step itself is invalid
+        if step is not None and window < 10 * step:
+            raise ValueError(
+                f"fit_window must cover at least 10 steps: at least {format_duration(10 * step)} "
+                f"with step {format_duration(step)}"
+            )
+        return window
+
+    @field_validator("fit_every", "score_every")
+    @classmethod
+    def _at_least_one_second(cls, seconds: float) -> float:
+        if seconds < 1:
+            raise ValueError("expected a duration of at least 1s")
+        return seconds
+
+    @field_validator("stale_after")
+    @classmethod
+    def _positive_stale_after(cls, seconds: float | None) -> float | None:
+        if seconds is not None and seconds <= 0:
+            raise ValueError("expected a positive duration such as 10m")
+        return seconds
 
     @property
     def stale_seconds(self) -> float:
@@ -232,12 +275,22 @@ class Config(_Strict):
         split_listen_address(address)
         return address
 
+    @field_validator("state_dir")
+    @classmethod
+    def _folder(cls, path: Path | None) -> Path | None:
+        if path is not None and path.exists() and not path.is_dir():
+            raise ValueError(f"{str(path)!r} exists but is not a folder")
+        return path
+
     @model_validator(mode="after")
     def _unique_names(self):
+        # parse_config reports duplicates with their key paths and drops this error type.
         seen = set()
         for detector in self.detectors:
             if detector.name in seen:
-                raise ValueError(f"detector name {detector.name!r} is used twice; names must be unique")
+                raise PydanticCustomError(
+                    "duplicate_detector_name", "detector names must be unique", {"name": detector.name}
+                )
             seen.add(detector.name)
         return self
 
@@ -250,54 +303,111 @@ def split_listen_address(address: str) -> tuple[str, int]:
     return (host.strip("[]") or "0.0.0.0", int(port))
 
 
+def _clean_location(location: tuple) -> tuple:
+    """Drop the validator steps pydantic puts in an error location, keeping keys and list indexes."""
+    return tuple(
+        part for part in location
+        if isinstance(part, int) or not (part in ("function-after", "function-before") or "[" in str(part))
+    )
+
+
 def _key_path(location: tuple) -> str:
     path = ""
-    for part in location:
+    for part in _clean_location(location):
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in ("function-after", "function-before") or "[" in str(part):
-            continue
         else:
             path += f".{part}" if path else str(part)
     return path or "(top level)"
 
 
-def _describe(error: dict, detectors: list) -> str:
-    location = list(error["loc"])
-    path = _key_path(tuple(location))
-    if location[:1] == ["detectors"] and len(location) > 1 and isinstance(location[1], int):
+def _nested_model(annotation) -> type[BaseModel] | None:
+    """Find the model class in an annotation such as ``TLSConfig``, ``BasicAuth | None`` or ``list[DetectorConfig]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in get_args(annotation):
+        found = _nested_model(argument)
+        if found is not None:
+            return found
+    return None
+
+
+def _unknown_key(location: tuple, root: type[BaseModel]) -> str:
+    """Describe an unknown key with the closest valid key and the list of valid keys at its level."""
+    model = root
+    for part in location[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = _nested_model(field.annotation) if field is not None else None
+        if model is None:
+            return "unknown key; check its spelling"
+    valid = sorted(model.model_fields)
+    close = difflib.get_close_matches(str(location[-1]), valid, n=1)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}? Valid keys here: {', '.join(valid)}"
+    return f"unknown key; valid keys here: {', '.join(valid)}"
+
+
+def _describe(error: dict, detectors: list, prefix: tuple = (), root: type[BaseModel] | None = None) -> str:
+    """Turn one pydantic error into a line; ``prefix`` is the path of ``root`` inside the file."""
+    root = root or Config
+    location = tuple(prefix) + tuple(error["loc"])
+    path = _key_path(location)
+    if location[:1] == ("detectors",) and len(location) > 1 and isinstance(location[1], int):
         index = location[1]
         if index < len(detectors) and isinstance(detectors[index], dict) and "name" in detectors[index]:
             path += f" (detector {detectors[index]['name']!r})"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        return f"{path}: unknown key; check its spelling against docs/configuration.md"
+        return f"{path}: {_unknown_key(_clean_location(tuple(error['loc'])), root)}"
     if error["type"] == "missing":
         return f"{path}: required key is missing"
     value = error.get("input")
-    if isinstance(value, (dict, list)):
+    # Skip the "got" part when the message already quotes the value or the value is a whole block.
+    if isinstance(value, (dict, list)) or (isinstance(value, str) and repr(value) in message):
         return f"{path}: {message}"
     return f"{path}: {message} (got {value!r})"
+
+
+def _duplicate_names(detectors: list) -> list[str]:
+    """Describe every detector whose name an earlier detector already uses."""
+    first_index: dict[str, int] = {}
+    problems = []
+    for index, detector in enumerate(detectors):
+        name = detector.get("name") if isinstance(detector, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name in first_index:
+            problems.append(
+                f"detectors[{index}].name (detector {name!r}): name already used by "
+                f"detectors[{first_index[name]}]; detector names must be unique"
+            )
+        else:
+            first_index[name] = index
+    return problems
 
 
 def parse_config(data: Any, source: str = "<config>") -> Config:
     """Validate an already parsed YAML document, including each detector's params."""
     if not isinstance(data, dict):
         raise ConfigError(source, ["(top level): expected a mapping with the keys source and detectors"])
+    detectors = data.get("detectors") if isinstance(data.get("detectors"), list) else []
+    duplicates = _duplicate_names(detectors)
     try:
         config = Config.model_validate(data)
     except ValidationError as error:
-        detectors = data.get("detectors") if isinstance(data.get("detectors"), list) else []
-        raise ConfigError(source, [_describe(e, detectors) for e in error.errors()]) from None
+        problems = [_describe(e, detectors) for e in error.errors() if e["type"] != "duplicate_detector_name"]
+        raise ConfigError(source, problems + duplicates) from None
 
     problems = []
     for index, detector in enumerate(config.detectors):
         try:
             detector.typed_params()
         except ValidationError as error:
+            root = params_model(detector.type)
             for e in error.errors():
-                e = dict(e, loc=("detectors", index, "params", *e["loc"]))
-                problems.append(_describe(e, data["detectors"]))
+                problems.append(_describe(e, detectors, prefix=("detectors", index, "params"), root=root))
     if problems:
         raise ConfigError(source, problems)
     return config
@@ -310,16 +420,45 @@ def load_config(path: str | Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(str(path), [f"cannot read the file: {error.strerror}"]) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(str(path), [f"the file is not UTF-8 text: invalid byte at offset {error.start}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(str(path), [f"{where}invalid YAML: {problem}"]) from None
+    if data is None:
+        raise ConfigError(str(path), ["the file is empty: expected a mapping with the keys source and detectors"])
     if isinstance(data, dict):
         _resolve_paths(data, path.parent)
     return parse_config(data, str(path))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that rejects a key repeated in one mapping instead of keeping the last value."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # keys merged in with << may be overridden, as YAML allows
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            repeated = key in seen
+            seen.add(key)
+        except TypeError:
+            continue  # construct_mapping reports an unhashable key itself
+        if repeated:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+            )
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
 def _resolve_paths(data: dict, base: Path) -> None:

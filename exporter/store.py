@@ -5,12 +5,10 @@ the configuration fingerprint and the label sets of the fitted series) stored as
 Files are loaded with ``allow_pickle=False``, so a tampered file cannot run code.
 """
 
-import io
 import json
 import logging
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +36,10 @@ class StateStore:
         path = self.path(detector_name)
         if path is None:
             return
+        for name, array in arrays.items():
+            if np.asarray(array).dtype.kind not in "biuf":
+                # np.savez would pickle an object array, and load() never unpickles.
+                raise ValueError(f"state array {name!r} has dtype {np.asarray(array).dtype}; only numbers can be saved")
         payload = dict(arrays)
         payload[_META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
         descriptor, temporary = tempfile.mkstemp(prefix=f".{detector_name}.", suffix=".tmp", dir=self.directory)
@@ -60,11 +62,13 @@ class StateStore:
         if path is None or not path.exists():
             return None
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files if name != _META_KEY}
-                meta = json.loads(archive[_META_KEY].tobytes().decode("utf-8"))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation) as error:
-            log.error("detector=%s state file %s is unreadable, refitting: %s", detector_name, path, error)
+            arrays, meta = _read_archive(path)
+        # Damaged files make numpy, zipfile and zlib raise many unrelated types (seen: ValueError,
+        # KeyError, EOFError, BadZipFile, zlib.error, NotImplementedError, tokenize.TokenError),
+        # and a bad file must only cost a refit, so every Exception is caught here.
+        except Exception as error:  # noqa: BLE001
+            log.error("detector=%s state file %s is unreadable, refitting: %s: %s",
+                      detector_name, path, type(error).__name__, error)
             return None
         if not isinstance(meta, dict):
             log.error("detector=%s state file %s has invalid metadata, refitting", detector_name, path)
@@ -75,3 +79,17 @@ class StateStore:
         path = self.path(detector_name)
         if path is not None:
             path.unlink(missing_ok=True)
+
+
+def _read_archive(path: Path) -> tuple[dict[str, np.ndarray], object]:
+    archive = np.load(path, allow_pickle=False)
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError("not an .npz archive")
+    with archive:
+        arrays = {name: archive[name] for name in archive.files}
+    for name, value in arrays.items():
+        # NpzFile returns the raw bytes of a zip member that is not in .npy format.
+        if not isinstance(value, np.ndarray):
+            raise ValueError(f"member {name!r} is not a numpy array")
+    meta = json.loads(arrays.pop(_META_KEY).tobytes().decode("utf-8"))
+    return arrays, meta
