@@ -17,6 +17,7 @@ from exporter import __version__
 from exporter.config import Config, ConfigError, load_config, split_listen_address
 from exporter.job import DetectorJob
 from exporter.metrics import AnomalyCollector, SelfMetrics
+from exporter.sharding import Shard
 from exporter.source import PrometheusSource
 from exporter.store import StateStore
 
@@ -44,11 +45,14 @@ class _QuietHandler(WSGIRequestHandler):
 class Exporter:
     """Loads the configuration, serves /metrics and runs every detector on its schedule."""
 
-    def __init__(self, config_path: str | Path, config: Config):
+    def __init__(self, config_path: str | Path, config: Config, shard: Shard = Shard()):
         self.config_path = Path(config_path)
         self.config = config
+        self.shard = shard
         self.registry = CollectorRegistry(auto_describe=False)
         self.metrics = SelfMetrics(self.registry)
+        self.metrics.shard_index.set(shard.index)
+        self.metrics.shard_count.set(shard.count)
         self.metrics.config_reload_success.set(1)
         self.metrics.config_reload_time.set_to_current_time()
         self.registry.register(AnomalyCollector(lambda: list(self.jobs.values())))
@@ -86,7 +90,8 @@ class Exporter:
             self._add_job(detector)
         self.scheduler.start()
         self.ready.set()
-        log.info("anomaly-exporter %s listening on %s with %d detectors", __version__, self.address, len(self.jobs))
+        log.info("anomaly-exporter %s listening on %s with %d detectors, shard %d of %d",
+                 __version__, self.address, len(self.jobs), self.shard.index, self.shard.count)
 
     @property
     def address(self) -> str:
@@ -108,7 +113,7 @@ class Exporter:
     # Jobs -------------------------------------------------------------------------
 
     def _add_job(self, detector) -> None:
-        job = DetectorJob(detector, self.source, self.store, self.metrics)
+        job = DetectorJob(detector, self.source, self.store, self.metrics, shard=self.shard)
         job.load_state()
         self.jobs[detector.name] = job
         now = datetime.now(timezone.utc)

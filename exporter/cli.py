@@ -2,14 +2,16 @@
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 
 from exporter import __version__
-from exporter.config import ConfigError, load_config
+from exporter.config import ConfigError, load_config, split_listen_address
 from exporter.durations import parse_duration
+from exporter.sharding import COUNT_VARIABLE, INDEX_VARIABLE, ShardError, resolve_shard
 
 EXIT_CONFIG_ERROR = 2
 
@@ -23,6 +25,15 @@ def _duration_argument(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _listen_address_argument(text: str) -> str:
+    # The override skips the configuration's validation, so it is checked here.
+    try:
+        split_listen_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomaly-exporter",
@@ -33,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the exporter")
     run.add_argument("--config", "-c", required=True, help="path of the YAML configuration file")
-    run.add_argument("--listen-address", help="host:port to serve on; overrides listen_address in the file")
+    run.add_argument(
+        "--listen-address",
+        type=_listen_address_argument,
+        help="host:port to serve on; overrides listen_address in the file",
+    )
     run.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="lowest level logged"
     )
@@ -41,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration",
         type=_duration_argument,
         help="stop after this long (a Prometheus duration such as 10m); default: run until SIGTERM or SIGINT",
+    )
+    run.add_argument(
+        "--shard-index",
+        type=int,
+        help=f"this process's shard, from 0 to the shard count - 1; default: {INDEX_VARIABLE}, "
+        "else the StatefulSet pod ordinal at the end of HOSTNAME",
+    )
+    run.add_argument(
+        "--shard-count",
+        type=int,
+        help=f"number of shards that split the entities between them; default: {COUNT_VARIABLE}, else 1",
     )
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
@@ -65,7 +91,8 @@ def check_config(path: str) -> int:
         print(error, file=sys.stderr)
         return EXIT_CONFIG_ERROR
     names = ", ".join(d.name for d in config.detectors)
-    print(f"{path}: valid, {len(config.detectors)} detectors ({names})")
+    noun = "detector" if len(config.detectors) == 1 else "detectors"
+    print(f"{path}: valid, {len(config.detectors)} {noun} ({names})")
     return 0
 
 
@@ -78,15 +105,20 @@ def run(args) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    try:
+        shard = resolve_shard(args.shard_index, args.shard_count, os.environ)
+    except ShardError as error:
+        print(error, file=sys.stderr)
+        return EXIT_CONFIG_ERROR
 
     from exporter.app import Exporter
 
-    exporter = Exporter(args.config, config)
     try:
-        exporter.start()
+        # Creates state_dir and reads the credential files, either of which can fail.
+        exporter = Exporter(args.config, config, shard)
     except OSError as error:
-        print(f"cannot listen on {config.listen_address}: {error.strerror}; "
-              "choose another address with --listen-address or listen_address", file=sys.stderr)
+        print(f"cannot start: {error.strerror}: {error.filename}; check state_dir and the credential files",
+              file=sys.stderr)
         return 1
 
     stop = threading.Event()
@@ -96,11 +128,23 @@ def run(args) -> int:
         stop.set()
 
     def _request_reload(_signum, _frame):
+        if not exporter.ready.is_set():
+            log.warning("received SIGHUP before start-up finished; ignored it")
+            return
         threading.Thread(target=exporter.reload, name="reload", daemon=True).start()
 
+    # The handlers go in before start() logs the address, because a supervisor may signal as
+    # soon as the port accepts connections, and the default action of SIGTERM and SIGHUP kills
+    # the process.
     signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGINT, _request_stop)
     signal.signal(signal.SIGHUP, _request_reload)
+    try:
+        exporter.start()
+    except OSError as error:
+        print(f"cannot listen on {config.listen_address}: {error.strerror}; "
+              "choose another address with --listen-address or listen_address", file=sys.stderr)
+        return 1
 
     deadline = None if args.duration is None else time.monotonic() + args.duration
     while not stop.is_set():

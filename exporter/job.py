@@ -6,6 +6,7 @@ are separate: scoring goes on with the current model while a refit runs, and the
 is swapped in whole when it is ready.
 """
 
+import copy
 import logging
 import math
 import threading
@@ -18,6 +19,7 @@ from detectors import detector_class
 from detectors.base import StateError
 from exporter.config import RESERVED_LABELS, DetectorConfig
 from exporter.metrics import SelfMetrics
+from exporter.sharding import Shard
 from exporter.source import Panel, PrometheusSource, QueryError, SourceUnavailable
 from exporter.store import StateStore
 
@@ -68,8 +70,10 @@ class DetectorJob:
         store: StateStore,
         metrics: SelfMetrics,
         clock=time.time,
+        shard: Shard = Shard(),
     ):
         self.config = config
+        self.shard = shard
         self.source = source
         self.store = store
         self.metrics = metrics
@@ -96,7 +100,7 @@ class DetectorJob:
 
     # Model state ------------------------------------------------------------------
 
-    def _new_detector(self):
+    def new_detector(self):
         return self._detector_type(
             self._params, step=self.config.step, timezone=self.config.timezone, direction=self.config.direction
         )
@@ -112,8 +116,10 @@ class DetectorJob:
             return False
         try:
             keys = [series_key(labels) for labels in meta["series"]]
-            model = self._new_detector().set_state(arrays, meta["detector"])
-        except (StateError, KeyError, TypeError, AttributeError) as error:
+            {key: row for row, key in enumerate(keys)}
+            model = self.new_detector().set_state(arrays, meta["detector"])
+        except (StateError, KeyError, TypeError, AttributeError, ValueError, IndexError, OverflowError) as error:
+            # Any damage a readable archive can carry means "refit", never a failed start.
             log.error("detector=%s saved state is incompatible, refitting: %s", self.name, error)
             return False
         if len(keys) != model.ready_.shape[0]:
@@ -150,7 +156,7 @@ class DetectorJob:
         step = self.config.step
         return math.floor((self.clock() - self.source.config.query_delay) / step) * step
 
-    def _query(self, start: float, end: float, phase: str) -> Panel:
+    def query(self, start: float, end: float, phase: str) -> Panel:
         step = self.config.step
         query_start = start - step if self.config.counter else start
         panel = self.source.query_range(self.config.query, query_start, end, step)
@@ -172,7 +178,7 @@ class DetectorJob:
         return self._filter(panel, phase)
 
     def _filter(self, panel: Panel, phase: str) -> Panel:
-        """Reject label clashes, drop series without entity labels and cap the series count."""
+        """Reject label clashes, drop series without entity labels, keep this shard's series and cap their count."""
         for labels in panel.labels:
             clashes = [name for name in RESERVED_LABELS if name in labels]
             if clashes:
@@ -186,6 +192,11 @@ class DetectorJob:
             self.metrics.dropped.labels(self.name, "missing_entity_label").inc(missing)
             log.warning("detector=%s dropped %d series without all entity labels %s",
                         self.name, missing, self.config.entity_labels)
+        # Series of entities that other shards own are theirs, not dropped, so they are not
+        # counted. max_series below therefore applies to each shard's own series.
+        # NOTE: every shard still receives the whole query result before this filter, so more
+        # shards reduce neither the query API's load nor the memory of one query result.
+        keep = [i for i in keep if self.shard.owns(panel.labels[i], self.config.entity_labels)]
         if len(keep) > self.config.max_series:
             keep.sort(key=lambda i: series_key(panel.labels[i]))
             over = len(keep) - self.config.max_series
@@ -202,8 +213,8 @@ class DetectorJob:
         started = time.monotonic()
         try:
             end = self._aligned_end()
-            panel = self._query(end - self.config.fit_window, end, "fit")
-            model = self._new_detector().fit(panel.values, panel.timestamps)
+            panel = self.query(end - self.config.fit_window, end, "fit")
+            model = self.new_detector().fit(panel.values, panel.timestamps)
             keys = [series_key(labels) for labels in panel.labels]
             self._save(model, keys)
             self._install(model, keys)
@@ -231,8 +242,11 @@ class DetectorJob:
         if not recent.any():
             return
         tail = Panel(panel.values[:, recent], panel.timestamps[recent], panel.labels)
+        # Scoring moves a model's level toward the points it scores, but the fit has already
+        # set the level from these points. Scoring a copy keeps the installed model equal to
+        # the saved one, so a restarted exporter scores like the one that fitted.
         with self._score_lock:
-            self._score_panel(model, {key: row for row, key in enumerate(keys)}, tail)
+            self._score_panel(copy.deepcopy(model), {key: row for row, key in enumerate(keys)}, tail)
             self._last_scored = max(self._last_scored or end, end)
             self._publish()
 
@@ -257,7 +271,7 @@ class DetectorJob:
                 # Nothing new since the last run, which happens right after a fit.
                 self._succeeded("score", started)
                 return
-            panel = self._query(start, end, "score")
+            panel = self.query(start, end, "score")
             self._score_panel(model, model_keys, panel)
         except (QueryError, SourceUnavailable, JobError, ValueError) as error:
             self._failed("score", started, error)
@@ -327,7 +341,7 @@ class DetectorJob:
             del self._latest[key]
         entries = list(self._latest.values())
         snapshot = Snapshot(
-            labels=[self._output_labels(entry[6]) for entry in entries],
+            labels=[self.output_labels(entry[6]) for entry in entries],
             sample_time=np.array([entry[0] for entry in entries], dtype=np.float64),
             score=np.array([entry[1] for entry in entries], dtype=np.float64),
             expected=np.array([entry[2] for entry in entries], dtype=np.float64),
@@ -339,7 +353,7 @@ class DetectorJob:
         self._count_states(snapshot)
         return snapshot
 
-    def _output_labels(self, labels: dict[str, str]) -> dict[str, str]:
+    def output_labels(self, labels: dict[str, str]) -> dict[str, str]:
         output = dict(labels)
         output.update(self.config.labels)
         names = self.config.entity_labels or sorted(labels)

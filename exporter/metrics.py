@@ -104,6 +104,18 @@ class SelfMetrics:
             "Unix time of the last successful configuration load.",
             registry=registry,
         )
+        # A process with no sharding options is shard 0 of 1.
+        self.shard_index = Gauge(
+            "anomaly_exporter_shard_index",
+            "Index of this exporter's shard, from 0 to anomaly_exporter_shard_count - 1.",
+            registry=registry,
+        )
+        self.shard_count = Gauge(
+            "anomaly_exporter_shard_count",
+            "Number of shards that split the entities between them.",
+            registry=registry,
+        )
+        self.shard_count.set(1)
 
     def forget_detector(self, name: str) -> None:
         """Remove the labelled children of a detector that left the configuration."""

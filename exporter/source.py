@@ -5,6 +5,8 @@ with backoff on timeouts, connection errors and 5xx answers, and a 4xx answer (b
 for example) raises QueryError with the server's own message.
 """
 
+import ast
+import json
 import logging
 import math
 import re
@@ -20,6 +22,8 @@ from urllib3.util.retry import Retry
 from exporter.config import SourceConfig
 
 log = logging.getLogger(__name__)
+
+_STATUS_AND_BODY = re.compile(r"HTTP Status Code (\d+) \((b'.*'|b\".*\")\)$", re.DOTALL)
 
 
 class QueryError(Exception):
@@ -52,21 +56,26 @@ def grid(start: float, end: float, step: float) -> np.ndarray:
 
 
 def _server_message(error: PrometheusApiClientException) -> tuple[int | None, str]:
-    """Extract the HTTP status and the API's ``error`` text from the client's exception."""
+    """Extract the HTTP status and the API's ``error`` text from the client's exception.
+
+    prometheus-api-client formats the exception as ``HTTP Status Code <status> (<body!r>)``,
+    so the body is recovered from its bytes repr and read as JSON, which keeps quotes and
+    non-ASCII characters of the message intact.
+    """
     text = str(error)
-    status = None
-    if text.startswith("HTTP Status Code "):
-        parts = text.split()
-        if len(parts) > 3 and parts[3].isdigit():
-            status = int(parts[3])
-    start, end = text.find('"error":"'), -1
-    if start >= 0:
-        start += len('"error":"')
-        end = text.find('"', start)
-        while end > 0 and text[end - 1] == "\\":
-            end = text.find('"', end + 1)
-        return status, text[start:end].replace('\\"', '"')
-    return status, text
+    match = _STATUS_AND_BODY.match(text)
+    if match is None:
+        return None, text
+    status = int(match.group(1))
+    try:
+        body = ast.literal_eval(match.group(2)).decode("utf-8", errors="replace")
+    except (ValueError, SyntaxError):
+        return status, match.group(2)
+    try:
+        message = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        message = None
+    return status, message if isinstance(message, str) else body.strip()
 
 
 class PrometheusSource:
@@ -122,17 +131,20 @@ class PrometheusSource:
         rows: dict[tuple, np.ndarray] = {}
         labels: dict[tuple, dict[str, str]] = {}
         non_finite = 0
-        duplicates = 0
+        # Series dropped per label set. Every chunk returns the same duplicates, so the
+        # largest count in one chunk is the number of series dropped.
+        duplicates: dict[tuple, int] = {}
 
         for first in range(0, timestamps.size, max_points):
             chunk = timestamps[first : first + max_points]
             result = self._request(query, float(chunk[0]), float(chunk[-1]), step)
             seen_in_chunk = set()
+            duplicates_in_chunk: dict[tuple, int] = {}
             for series in result:
                 metric = {k: v for k, v in series.get("metric", {}).items() if k != "__name__"}
                 key = tuple(sorted(metric.items()))
                 if key in seen_in_chunk:
-                    duplicates += 1
+                    duplicates_in_chunk[key] = duplicates_in_chunk.get(key, 0) + 1
                     continue
                 seen_in_chunk.add(key)
                 row = rows.get(key)
@@ -140,10 +152,12 @@ class PrometheusSource:
                     row = rows[key] = np.full(timestamps.size, np.nan)
                     labels[key] = metric
                 non_finite += self._fill_row(row, series.get("values", []), start, step)
+            for key, count in duplicates_in_chunk.items():
+                duplicates[key] = max(duplicates.get(key, 0), count)
 
         keys = list(rows)
         values = np.vstack([rows[k] for k in keys]) if keys else np.empty((0, timestamps.size))
-        return Panel(values, timestamps, [labels[k] for k in keys], non_finite, duplicates)
+        return Panel(values, timestamps, [labels[k] for k in keys], non_finite, sum(duplicates.values()))
 
     @staticmethod
     def _fill_row(row: np.ndarray, samples: list, start: float, step: float) -> int:
@@ -164,17 +178,33 @@ class PrometheusSource:
         for attempt in range(1, attempts + 1):
             try:
                 with self._slots:
+                    # custom_query_range rounds start and end to whole seconds, which moves a
+                    # fractional grid, but ``params`` overrides them. Times, step and timeout go
+                    # as float seconds, because Prometheus 2.42 rejects a duration such as "1.5s".
+                    # NOTE: the override relies on prometheus-api-client 0.7 merging ``params``
+                    # last; tests/test_source.py checks the evaluation times.
                     result = self._client.custom_query_range(
                         query,
                         start_time=_utc(start),
                         end_time=_utc(end),
-                        step=f"{step:g}",
-                        params={"timeout": f"{self.config.timeout:g}s"},
+                        step=repr(float(step)),
+                        params={
+                            "start": repr(float(start)),
+                            "end": repr(float(end)),
+                            "timeout": repr(float(self.config.timeout)),
+                        },
                     )
                 self.up = True
                 return result
             except PrometheusApiClientException as error:
                 status, message = _server_message(error)
+                if status in (401, 403):
+                    # Reachable but unusable for every detector: report the source as down.
+                    self.up = False
+                    raise QueryError(
+                        f"query API refused the credentials with HTTP {status}: {message}; "
+                        "check bearer_token_file, basic_auth or headers"
+                    ) from None
                 if status is not None and 400 <= status < 500 and status != 429:
                     self.up = True
                     raise QueryError(f"query rejected with HTTP {status}: {message}") from None
@@ -197,9 +227,9 @@ class PrometheusSource:
 def _short(error: Exception) -> str:
     """Reduce a requests/urllib3 error to its cause, such as "[Errno 111] Connection refused"."""
     text = str(error)
-    cause = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
+    cause = re.search(r"\[(?:Errno -?\d+|SSL: \w+)\] [^'\"()]+", text)
     if cause:
-        return cause.group(0)
+        return cause.group(0).strip()
     return text if len(text) <= 200 else text[:200] + "..."
 
 
