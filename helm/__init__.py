@@ -1,0 +1,1 @@
+"""Tools for the Helm chart in helm/anomaly-exporter/; see helm/generate.py."""
