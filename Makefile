@@ -5,7 +5,7 @@ DEMO_DURATION ?= 15m
 
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: demo test check-binaries rules
+.PHONY: demo test check-binaries rules chart
 
 # Installs Prometheus and Alertmanager from Debian when they are missing (needs root).
 check-binaries:
@@ -19,10 +19,17 @@ demo: check-binaries
 	@venv=$$(PYTHON=$(PYTHON) tools/venv.sh) && \
 	  "$$venv/bin/python" -m exporter.demo --duration $(DEMO_DURATION)
 
+# The project is installed in editable mode so the anomaly-exporter console script exists;
+# PYTHONPATH still makes this checkout win when several clones share the virtualenv.
 test:
 	@venv=$$(PYTHON=$(PYTHON) tools/venv.sh) && \
+	  "$$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e . && \
 	  "$$venv/bin/python" -m pytest -p no:cacheprovider
 
 # Regenerates rules/anomaly-exporter.rules.yml from rules/render.py.
 rules:
 	@venv=$$(PYTHON=$(PYTHON) tools/venv.sh) && "$$venv/bin/python" -m rules.render
+
+# Regenerates the chart's copies of the rules, the dashboards and the detector types.
+chart:
+	@venv=$$(PYTHON=$(PYTHON) tools/venv.sh) && "$$venv/bin/python" -m helm.generate
