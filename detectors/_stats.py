@@ -9,6 +9,9 @@ import numpy as np
 # Scale that turns a median absolute deviation into a standard deviation for normal data.
 MAD_TO_SIGMA = 1.4826
 
+# Same for the 90th percentile of absolute deviations (1 / 1.6449).
+Q90_TO_SIGMA = 0.6079
+
 
 def row_quantiles(values: np.ndarray, quantiles, *, sorted_values: np.ndarray | None = None) -> np.ndarray:
     """Return per-row quantiles ignoring NaN, shape (rows, len(quantiles)); NaN for empty rows.
@@ -68,16 +71,24 @@ def row_median(values: np.ndarray) -> np.ndarray:
     return row_quantiles(values, [0.5])[:, 0]
 
 
-def grouped_row_median(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
-    """Return the per-row median of each column group, shape (rows, n_groups); NaN for empty groups."""
-    result = np.full((values.shape[0], n_groups), np.nan)
+def grouped_row_quantiles(values: np.ndarray, groups: np.ndarray, n_groups: int, quantiles) -> np.ndarray:
+    """Return per-row quantiles of each column group, shape (rows, n_groups, len(quantiles)).
+
+    Empty groups are NaN.
+    """
+    result = np.full((values.shape[0], n_groups, len(quantiles)), np.nan)
     order = np.argsort(groups, kind="stable")
     boundaries = np.searchsorted(groups[order], np.arange(n_groups + 1))
     grouped = values[:, order]
     for group in range(n_groups):
         if boundaries[group + 1] > boundaries[group]:
-            result[:, group] = row_median(grouped[:, boundaries[group] : boundaries[group + 1]])
+            result[:, group, :] = row_quantiles(grouped[:, boundaries[group] : boundaries[group + 1]], quantiles)
     return result
+
+
+def grouped_row_median(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Return the per-row median of each column group, shape (rows, n_groups); NaN for empty groups."""
+    return grouped_row_quantiles(values, groups, n_groups, [0.5])[:, :, 0]
 
 
 def grouped_valid_count(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:

@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from detectors._stats import (
     MAD_TO_SIGMA,
+    Q90_TO_SIGMA,
     fill_nan_nearest,
     grouped_row_median,
+    grouped_row_quantiles,
     grouped_valid_count,
     row_median,
     row_quantiles,
@@ -45,6 +47,13 @@ TRACKER_COLUMNS = 2016
 # Columns used to choose the seasonality and to estimate resolution and tails; an even subset
 # of 14 days at 5 minutes keeps the estimates stable at a third of the cost.
 SELECTION_COLUMNS = 1344
+
+# Scores are capped here: beyond it the size says nothing more, and sums or averages of
+# scores in rules and dashboards stay readable.
+MAX_SCORE = 100.0
+
+# Floor of the noise scale as a share of the series' 1st-to-99th percentile range.
+RANGE_FLOOR_RATIO = 0.01
 
 # Most a heavy tail may widen the band. Student's t noise with 3 degrees of freedom needs
 # about 2; anomalies inside the fit window would push it far higher and hide the next ones.
@@ -134,6 +143,11 @@ def _even_subset(size: int, limit: int) -> np.ndarray:
     if size <= limit:
         return np.arange(size)
     return np.unique(np.linspace(0, size - 1, limit).round().astype(np.int64))
+
+
+def _robust_sigma(quantiles: np.ndarray) -> np.ndarray:
+    """Turn the 50th and 90th percentiles of absolute deviations (last axis) into one noise scale."""
+    return np.fmax(MAD_TO_SIGMA * quantiles[..., 0], Q90_TO_SIGMA * quantiles[..., 1])
 
 
 def _mad(values: np.ndarray) -> np.ndarray:
@@ -249,6 +263,7 @@ class SeasonalDetector(Detector):
         del steps
         self.halflife_ = self._choose_halflife(recent, rough)
         level, errors = self._track(recent, rough, self.halflife_, keep_errors=True)
+        level = self._accept_lasting_shift(recent, level, rough)
         burn_in = errors.shape[1] // 10
         errors = errors[:, burn_in:]
         error_bucket = day_bucket[window][burn_in:]
@@ -256,8 +271,11 @@ class SeasonalDetector(Detector):
         # Noise scale per time-of-day bucket, shrunk toward the series' overall scale.
         errors -= row_median(errors)[:, None].astype(np.float32)
         np.abs(errors, out=errors)
-        overall = MAD_TO_SIGMA * row_median(errors)
-        bucket_mad = MAD_TO_SIGMA * grouped_row_median(errors, error_bucket, self.day_buckets_)
+        # Each scale is the larger of the MAD-based and the 90th-percentile-based estimate, which
+        # agree for normal noise; the second keeps quantised series that mostly repeat one
+        # value, but often jump by a step, from alerting on every step.
+        overall = _robust_sigma(row_quantiles(errors, [0.5, 0.9]))
+        bucket_mad = _robust_sigma(grouped_row_quantiles(errors, error_bucket, self.day_buckets_, [0.5, 0.9]))
         samples = grouped_valid_count(errors, error_bucket, self.day_buckets_)
         bucket_mad = np.where(np.isnan(bucket_mad), overall[:, None], bucket_mad)
         spread = np.sqrt(
@@ -280,6 +298,22 @@ class SeasonalDetector(Detector):
         self.fitted_until_ = float(timestamps[-1]) if timestamps.size else 0.0
         self.ready_mask_ &= np.isfinite(self.level_)
         self.level_ = np.nan_to_num(self.level_)
+
+    def _accept_lasting_shift(self, recent: np.ndarray, level: np.ndarray, rough: np.ndarray) -> np.ndarray:
+        """Move the level to the recent median when the data has stayed off the band since a while.
+
+        The tracker moves at most ``band_sigmas`` noise units per step, so a large lasting
+        shift would otherwise keep alerting until many refits later. A shift that held for
+        the last half-life before a refit becomes the new normal.
+        """
+        width = recent.shape[1]
+        columns = np.clip(np.round(self.halflife_ / self.step).astype(np.int64), 12, width)
+        starts = width - columns
+        positions = np.arange(width)[None, :]
+        latest = np.where(positions >= starts[:, None], recent, np.nan)
+        recent_level = row_median(latest)
+        shifted = np.abs(recent_level - level) > self.params.band_sigmas * rough
+        return np.where(shifted & np.isfinite(recent_level), recent_level, level).astype(level.dtype)
 
     def _halflife_candidates(self) -> tuple[float, ...]:
         if self.params.level_halflife == "auto":
@@ -400,8 +434,11 @@ class SeasonalDetector(Detector):
         meaningful = steps > 1e-9 * np.maximum(scale, 1e-300)[:, None]
         resolution = np.min(np.where(meaningful, steps, np.inf), axis=1, initial=np.inf)
         resolution = np.where(np.isfinite(resolution), resolution, 0.0)
-        typical = np.abs(row_quantiles(values, [0.5], sorted_values=ordered)[:, 0])
-        floor = np.maximum(resolution, self.params.min_spread_ratio * np.nan_to_num(typical))
+        low, typical, high = row_quantiles(values, [0.01, 0.5, 0.99], sorted_values=ordered).T
+        floor = np.maximum(resolution, self.params.min_spread_ratio * np.nan_to_num(np.abs(typical)))
+        # A series whose neighbouring samples rarely differ (bursts on a flat line, steps)
+        # has a near-zero one-step noise; a share of its usual range bounds its scores.
+        floor = np.maximum(floor, RANGE_FLOOR_RATIO * np.nan_to_num(high - low))
         floor = np.maximum(floor, self.params.min_spread)
         # A series that never moved and sits at zero still needs a positive scale.
         return np.maximum(floor, 1e-9)
@@ -439,7 +476,7 @@ class SeasonalDetector(Detector):
             deviation = observed - baseline
             expected[:, column] = baseline
             spread_at[:, column] = spread[:, column]
-            score[:, column] = self.directional(deviation / spread[:, column]) / band
+            score[:, column] = np.minimum(self.directional(deviation / spread[:, column]) / band, MAX_SCORE)
             has_value = ~np.isnan(observed)
             limit = band * spread[:, column]
             step_change = alpha * np.clip(deviation, -limit, limit)
