@@ -37,6 +37,9 @@ SEASONALITY_NAMES = {NONE: "none", DAILY: "daily", WEEKLY: "weekly"}
 # Two-sided 99% quantile of the standard normal distribution.
 NORMAL_Q99 = 2.5758
 
+# Resolution of the weekday offsets that turn the daily profile into a weekly one.
+WEEKLY_BLOCK = 3600.0
+
 # Half-lives the level tracking chooses from with ``level_halflife: auto``, fast to slow.
 HALFLIFE_CANDIDATES = (1800.0, 7200.0, 21600.0, 86400.0)
 
@@ -224,12 +227,22 @@ class SeasonalDetector(Detector):
         # Candidate profiles, centred so the level is the median.
         daily = grouped_row_median(detrended, day_bucket, self.day_buckets_)
         daily = np.nan_to_num(daily - row_median(daily)[:, None])
-        weekly = np.zeros((n_series, week_buckets))
+        # The weekly profile is the daily one plus an offset per weekday and block of
+        # WEEKLY_BLOCK hours. Two weeks give only two samples per weekly bucket, so a full
+        # weekly profile would learn last week's anomalies; a block has hundreds.
+        weekly = np.tile(daily, 7)
         long_enough = span >= 13 * DAY
         if self.params.seasonality in ("auto", "weekly") and long_enough.any():
             rows = np.flatnonzero(long_enough)
-            weekly_rows = grouped_row_median(detrended[rows], week_bucket, week_buckets)
-            weekly[rows] = np.nan_to_num(weekly_rows - row_median(weekly_rows)[:, None])
+            day_pos_all = _bucket_weights(seconds_of_day, self.bucket_, self.day_buckets_)
+            beyond_daily = detrended[rows] - _interpolate(daily[rows].astype(np.float32), *day_pos_all)
+            blocks_per_day = int(DAY // WEEKLY_BLOCK)
+            block = (seconds_of_week // WEEKLY_BLOCK).astype(np.int64) % (7 * blocks_per_day)
+            offsets = np.nan_to_num(grouped_row_median(beyond_daily, block, 7 * blocks_per_day))
+            del beyond_daily
+            bucket_block = ((np.arange(week_buckets) * self.bucket_) // WEEKLY_BLOCK).astype(np.int64)
+            weekly_rows = weekly[rows] + offsets[:, bucket_block]
+            weekly[rows] = weekly_rows - row_median(weekly_rows)[:, None]
 
         # Choose the cycle per series by how much of the spread it removes, judged on an
         # evenly spaced subset of at most SELECTION_COLUMNS columns.
@@ -271,11 +284,13 @@ class SeasonalDetector(Detector):
         # Noise scale per time-of-day bucket, shrunk toward the series' overall scale.
         errors -= row_median(errors)[:, None].astype(np.float32)
         np.abs(errors, out=errors)
-        # Each scale is the larger of the MAD-based and the 90th-percentile-based estimate, which
-        # agree for normal noise; the second keeps quantised series that mostly repeat one
-        # value, but often jump by a step, from alerting on every step.
+        # The overall scale is the larger of the MAD-based and the 90th-percentile-based
+        # estimate, which agree for normal noise; the second keeps quantised series that mostly
+        # repeat one value, but often jump by a step, from alerting on every step. Buckets use
+        # the MAD only: a bucket has a few dozen samples, and a handful of large errors from
+        # one incident would otherwise widen the band at that time of day for a whole week.
         overall = _robust_sigma(row_quantiles(errors, [0.5, 0.9]))
-        bucket_mad = _robust_sigma(grouped_row_quantiles(errors, error_bucket, self.day_buckets_, [0.5, 0.9]))
+        bucket_mad = MAD_TO_SIGMA * grouped_row_median(errors, error_bucket, self.day_buckets_)
         samples = grouped_valid_count(errors, error_bucket, self.day_buckets_)
         bucket_mad = np.where(np.isnan(bucket_mad), overall[:, None], bucket_mad)
         spread = np.sqrt(

@@ -14,7 +14,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from exporter import __version__
-from exporter.config import Config, ConfigError, load_config, split_listen_address
+from exporter.config import Config, ConfigError, load_config, require_query_api, split_listen_address
 from exporter.job import DetectorJob
 from exporter.metrics import AnomalyCollector, SelfMetrics
 from exporter.sharding import Shard
@@ -145,12 +145,17 @@ class Exporter:
         """Re-read the configuration file; an invalid file keeps the running configuration."""
         with self._reload_lock:
             try:
-                new = load_config(self.config_path)
+                new = require_query_api(load_config(self.config_path), str(self.config_path))
             except ConfigError as error:
                 self.metrics.config_reload_success.set(0)
                 log.error("reload rejected, keeping the running configuration: %s", error)
                 return False, str(error)
-            self._apply(new)
+            try:
+                self._apply(new)
+            except OSError as error:
+                self.metrics.config_reload_success.set(0)
+                log.error("reload failed, keeping the running configuration: %s", error)
+                return False, f"reload failed: {error}"
             self.metrics.config_reload_success.set(1)
             self.metrics.config_reload_time.set_to_current_time()
             log.info("configuration reloaded from %s: %d detectors", self.config_path, len(self.jobs))
@@ -158,12 +163,15 @@ class Exporter:
 
     def _apply(self, new: Config) -> None:
         if new.listen_address != self.config.listen_address:
-            log.warning("listen_address changed to %s; it takes effect after a restart", new.listen_address)
+            log.warning("listen_address in the file is %s; the exporter keeps listening on %s until restarted",
+                        new.listen_address, self.address)
+            new = new.model_copy(update={"listen_address": self.config.listen_address})
         rebuild_all = new.source != self.config.source or new.state_dir != self.config.state_dir
         if rebuild_all:
+            # Build both before closing anything, so a failure keeps the running ones.
+            source, store = PrometheusSource(new.source), StateStore(new.state_dir)
             self.source.close()
-            self.source = PrometheusSource(new.source)
-            self.store = StateStore(new.state_dir)
+            self.source, self.store = source, store
         old = {d.name: d for d in self.config.detectors}
         wanted = {d.name: d for d in new.detectors}
         for name in old:

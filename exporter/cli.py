@@ -9,7 +9,7 @@ import threading
 import time
 
 from exporter import __version__
-from exporter.config import ConfigError, load_config, split_listen_address
+from exporter.config import ConfigError, load_config, require_query_api, split_listen_address
 from exporter.durations import parse_duration
 from exporter.sharding import COUNT_VARIABLE, INDEX_VARIABLE, ShardError, resolve_shard
 
@@ -69,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"number of shards that split the entities between them; default: {COUNT_VARIABLE}, else 1",
     )
 
+    backtest = commands.add_parser(
+        "backtest", help="replay a time range as the live exporter would and write scores and a report"
+    )
+    backtest.add_argument("--config", "-c", required=True, help="path of the YAML configuration file")
+    backtest.add_argument("--from", dest="start", help="start: now-7d, unix seconds or RFC 3339 (default: 1 day ago, or the CSV files' start)")
+    backtest.add_argument("--to", dest="end", help="end, in the same forms (default: now, or the CSV files' end)")
+    backtest.add_argument("--detector", action="append", help="replay only this detector; repeatable")
+    backtest.add_argument("--output", "-o", default="backtest", help="folder for the outputs (default: backtest)")
+    backtest.add_argument("--format", choices=["csv", "parquet"], default="csv", help="format of the scores file")
+    backtest.add_argument("--labels", help="JSON file of labelled windows: {series: [[start, end], ...]}")
+    backtest.add_argument("--openmetrics", action="store_true", help="also write scores.om for promtool backfill")
+    backtest.add_argument("--no-report", action="store_true", help="skip the HTML report and its plots")
+    backtest.add_argument("--max-plots", type=int, default=50, help="plot at most this many series (default 50)")
+    backtest.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config", help="path of the YAML configuration file")
     return parser
@@ -99,7 +114,7 @@ def check_config(path: str) -> int:
 def run(args) -> int:
     _configure_logging(args.log_level)
     try:
-        config = load_config(args.config)
+        config = require_query_api(load_config(args.config), args.config)
         if args.listen_address:
             config = config.model_copy(update={"listen_address": args.listen_address})
     except ConfigError as error:
@@ -161,6 +176,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.config)
+    if args.command == "backtest":
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from exporter.backtest import run_command
+
+        return run_command(args)
     return run(args)
 
 

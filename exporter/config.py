@@ -93,8 +93,18 @@ class BasicAuth(_Strict):
         return path
 
 
+class CsvConfig(_Strict):
+    """CSV files read instead of a query API, for ``anomaly-exporter backtest`` only."""
+
+    path: str = Field(min_length=1)
+    timestamp_column: str = "timestamp"
+    separator: str = ","
+    exclude_columns: list[str] = []
+
+
 class SourceConfig(_Strict):
-    url: str
+    url: str | None = None
+    csv: CsvConfig | None = None
     timeout: Duration = 30.0
     bearer_token_file: Path | None = None
     basic_auth: BasicAuth | None = None
@@ -107,7 +117,9 @@ class SourceConfig(_Strict):
 
     @field_validator("url")
     @classmethod
-    def _http_url(cls, url: str) -> str:
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
         expected = "expected an http:// or https:// URL of the query API, such as http://prometheus:9090"
         try:
             parts = urlsplit(url)
@@ -139,6 +151,8 @@ class SourceConfig(_Strict):
     def _one_auth(self):
         if self.bearer_token_file is not None and self.basic_auth is not None:
             raise ValueError("set either bearer_token_file or basic_auth, not both")
+        if (self.url is None) == (self.csv is None):
+            raise ValueError("set either url (a query API) or csv (files for backtests), not both or neither")
         return self
 
 
@@ -472,8 +486,16 @@ def _resolve_paths(data: dict, base: Path) -> None:
 
     source = data.get("source")
     if isinstance(source, dict):
+        resolve(source.get("csv"), "path")
         resolve(source, "bearer_token_file")
         resolve(source.get("basic_auth"), "password_file")
         for key in ("ca_file", "cert_file", "key_file"):
             resolve(source.get("tls"), key)
     resolve(data, "state_dir")
+
+
+def require_query_api(config: Config, source: str) -> Config:
+    """Raise ConfigError unless the configuration reads a query API, as ``run`` needs."""
+    if config.source.url is None:
+        raise ConfigError(source, ["source.csv: CSV files serve backtests only; set source.url to run the exporter"])
+    return config

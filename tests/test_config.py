@@ -261,7 +261,7 @@ INVALID = [
          detector={"query": REMOVE}),
     case("missing source", "source", "missing", "required",
          top={"source": REMOVE}),
-    case("missing url", "source.url", "missing", "required",
+    case("missing url", "source", "url (a query API)", "or neither",
          source={"url": REMOVE}),
     case("no detectors", "detectors", "at least 1", "List",
          top={"detectors": []}),

@@ -1,0 +1,1 @@
+"""Benchmarks: detection quality and speed, each writing its section of docs/benchmarks.md."""
