@@ -51,8 +51,8 @@ TRACKER_COLUMNS = 2016
 # of 14 days at 5 minutes keeps the estimates stable at a third of the cost.
 SELECTION_COLUMNS = 1344
 
-# Scores are capped here: beyond it the size says nothing more, and sums or averages of
-# scores in rules and dashboards stay readable.
+# Scores are capped here because beyond it the size carries no more meaning, and sums or
+# averages of scores in rules and dashboards stay readable.
 MAX_SCORE = 100.0
 
 # Floor of the noise scale as a share of the series' 1st-to-99th percentile range.
@@ -560,7 +560,7 @@ class SeasonalDetector(Detector):
             raise StateError(f"state bucket {bucket:g}s does not match the configured bucket")
         if not (np.all(np.isfinite(profile)) and np.all(np.isfinite(spread)) and np.all(spread > 0)
                 and np.all(np.isfinite(level)) and np.all(halflife > 0)):
-            raise StateError("state holds non-finite or non-positive values")
+            raise StateError("invalid state: non-finite or non-positive values; the detector will be refitted")
         self.profile_, self.spread_, self.level_ = profile, spread, level
         self.ready_mask_, self.seasonality_, self.tail_factor_ = ready, seasonality, tail_factor
         self.halflife_ = halflife

@@ -57,7 +57,7 @@ def replay(config: DetectorConfig, source, start: float, end: float, progress=No
     if end <= start:
         raise ValueError(f"the range to replay is shorter than one step ({step:g}s)")
 
-    # The job turns the query answer into a panel exactly as in live runs (counters,
+    # The job turns the query result into a panel exactly as in live runs (counters,
     # entity labels, max_series), without touching the exporter's own metrics.
     job = DetectorJob(config, source, StateStore(None), SelfMetrics(CollectorRegistry()))
     panel = job.query(start - config.fit_window, end, "fit")
@@ -163,11 +163,11 @@ def run_command(args) -> int:
         return 2
 
     try:
+        # Defaults: the CSV files' whole range, or the last day of the query API.
         now = time.time()
-        if csv is not None and (args.start is None or args.end is None):
-            first, last = source.time_range()
-        start = parse_time(args.start, now) if args.start else (first if csv is not None else now - 86400)
-        end = parse_time(args.end, now) if args.end else (last if csv is not None else now)
+        default_start, default_end = (now - 86400, now) if csv is None else source.time_range()
+        start = parse_time(args.start, now) if args.start else default_start
+        end = parse_time(args.end, now) if args.end else default_end
         windows = report.load_windows(Path(args.labels)) if args.labels else {}
     except (ValueError, OSError) as error:
         print(f"invalid argument: {error}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """One configured detector at run time: its fit and score runs and its latest results.
 
-A job queries the source, turns the answer into a panel the detector type understands,
+A job queries the source, turns the result into a panel the detector type understands,
 and publishes an immutable Snapshot that the /metrics collector reads. Fit and score runs
 are separate: scoring goes on with the current model while a refit runs, and the new model
 is swapped in whole when it is ready.
@@ -89,7 +89,7 @@ class DetectorJob:
         self._fingerprint = config.fingerprint()
         self._detector_type = detector_class(config.type)
         self._params = config.typed_params()
-        # Children start at 0 so that increase() in the alert rules sees a first failure.
+        # Children start at 0 so that increase() in the alert rules detects a first failure.
         for phase in ("fit", "score"):
             for result in ("success", "failure"):
                 metrics.runs.labels(self.name, phase, result)
