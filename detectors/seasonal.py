@@ -101,8 +101,8 @@ class SeasonalParams(BaseModel):
 
     @field_validator("bucket", "min_history", "level_halflife")
     @classmethod
-    def _valid_duration(cls, value: str) -> str:
-        if value == "auto":
+    def _valid_duration(cls, value: str, info) -> str:
+        if value == "auto" and info.field_name == "level_halflife":
             return value
         seconds = parse_duration(value)
         if seconds <= 0:

@@ -165,20 +165,32 @@ def run_command(args) -> int:
     try:
         # Defaults: the CSV files' whole range, or the last day of the query API.
         now = time.time()
-        default_start, default_end = (now - 86400, now) if csv is None else source.time_range()
+        default_start, default_end = now - 86400, now
+        if csv is not None and not (args.start and args.end):
+            default_start, default_end = source.time_range([d.query for d in detectors])
         start = parse_time(args.start, now) if args.start else default_start
         end = parse_time(args.end, now) if args.end else default_end
         windows = report.load_windows(Path(args.labels)) if args.labels else {}
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, QueryError) as error:
         print(f"invalid argument: {error}", file=sys.stderr)
         return 2
     if end <= start:
-        print("invalid range: --to must be after --from", file=sys.stderr)
+        print(f"invalid range: the end ({_iso(end)}) is not after the start ({_iso(start)}); "
+              "check --from and --to, and that the data covers them", file=sys.stderr)
         return 2
+
+    if args.format == "parquet":
+        try:
+            import pyarrow  # noqa: F401 - checked before a long replay, used by pandas
+        except ImportError:
+            print("--format parquet needs pyarrow: pip install 'anomaly-exporter[report]', or use --format csv",
+                  file=sys.stderr)
+            return 2
 
     folder = Path(args.output)
     folder.mkdir(parents=True, exist_ok=True)
     results = []
+    failed = []
     for detector in detectors:
         bar = tqdm(total=100, desc=detector.name, unit="%", disable=args.quiet or not sys.stderr.isatty())
         done = [0]
@@ -192,9 +204,11 @@ def run_command(args) -> int:
         try:
             result = replay(detector, source, start, end, progress=advance)
         except (QueryError, SourceUnavailable, ValueError) as error:
+            # One failing detector must not discard the others' results.
             bar.close()
-            print(f"detector {detector.name}: {error}", file=sys.stderr)
-            return 1
+            print(f"detector {detector.name} failed: {error}", file=sys.stderr)
+            failed.append(detector.name)
+            continue
         bar.close()
         results.append(result)
         scored = int(np.count_nonzero(~np.isnan(result.score)))
@@ -212,4 +226,11 @@ def run_command(args) -> int:
     if not args.no_report:
         path = report.write_html(results, windows, folder, args.max_plots, f"Backtest of {Path(args.config).name}")
         print(f"report: {path}")
+    if failed:
+        print(f"{len(failed)} detectors failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))

@@ -1,4 +1,4 @@
-"""Command line: ``anomaly-exporter run``, ``check-config`` and ``--version``."""
+"""Command line: ``anomaly-exporter run``, ``backtest``, ``check-config`` and ``--version``."""
 
 import argparse
 import logging
@@ -173,6 +173,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    # A SIGHUP before the reload handler exists must not kill the process (its default action).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = build_parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.config)

@@ -32,6 +32,13 @@ from exporter.durations import format_duration, parse_duration
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 DETECTOR_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_:-]*$")
 
+# Largest fit_window / step: 366 days at 1 minute. A fit holds a few float arrays of this
+# length per series, so more would exhaust memory long before it improved a baseline.
+MAX_FIT_POINTS = 527_040
+
+# Longest fit_every or score_every the scheduler accepts.
+MAX_INTERVAL_SECONDS = 366 * 86400.0
+
 # Labels the exporter adds to every anomaly series; an input or static label may not use them.
 RESERVED_LABELS = ("detector", "entity")
 
@@ -136,8 +143,8 @@ class SourceConfig(_Strict):
     @field_validator("timeout")
     @classmethod
     def _positive_timeout(cls, seconds: float) -> float:
-        if seconds <= 0:
-            raise ValueError("expected a positive duration such as 30s")
+        if seconds <= 0 or seconds > 3600:
+            raise ValueError("expected a positive duration of at most 1h, such as 30s")
         return seconds
 
     @field_validator("bearer_token_file")
@@ -178,7 +185,7 @@ class DetectorConfig(_Strict):
     @classmethod
     def _name_form(cls, name: str) -> str:
         if not DETECTOR_NAME.match(name):
-            raise ValueError(f"invalid detector name {name!r}: use letters, digits, _ , : or -, starting with a letter")
+            raise ValueError(f"invalid detector name {name!r}: use letters, digits, _ , : or -, starting with a letter or _")
         return name
 
     @field_validator("entity_labels")
@@ -235,6 +242,12 @@ class DetectorConfig(_Strict):
                 f"fit_window must cover at least 10 steps: at least {format_duration(10 * step)} "
                 f"with step {format_duration(step)}"
             )
+        if step is not None and window / step > MAX_FIT_POINTS:
+            raise ValueError(
+                f"fit_window of {format_duration(window)} at step {format_duration(step)} is "
+                f"{window / step:,.0f} points per series, more than {MAX_FIT_POINTS:,}: "
+                "use a longer step or a shorter fit_window"
+            )
         return window
 
     @field_validator("fit_every", "score_every")
@@ -242,6 +255,8 @@ class DetectorConfig(_Strict):
     def _at_least_one_second(cls, seconds: float) -> float:
         if seconds < 1:
             raise ValueError("expected a duration of at least 1s")
+        if seconds > MAX_INTERVAL_SECONDS:
+            raise ValueError(f"expected a duration of at most {format_duration(MAX_INTERVAL_SECONDS)}")
         return seconds
 
     @field_validator("stale_after")

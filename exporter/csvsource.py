@@ -86,11 +86,16 @@ class CsvSource:
         ]
         return source
 
-    def time_range(self) -> tuple[float, float]:
-        """Return the first and last timestamps over all files."""
-        firsts = [s.times[0] for s in self._series if s.times.size]
-        lasts = [s.times[-1] for s in self._series if s.times.size]
-        return float(min(firsts)), float(max(lasts))
+    def time_range(self, queries=None) -> tuple[float, float]:
+        """Return the first and last timestamps of the series that any of ``queries`` selects (all by default)."""
+        try:
+            patterns = [re.compile(q) for q in queries] if queries else [re.compile(".*")]
+        except re.error as error:
+            raise QueryError(f"for a CSV source the query is a regular expression on the series name: {error}") from None
+        chosen = [s for s in self._series if s.times.size and any(p.fullmatch(s.labels["series"]) for p in patterns)]
+        if not chosen:
+            raise QueryError(f"no CSV series matches the queries {list(queries or [])}")
+        return float(min(s.times[0] for s in chosen)), float(max(s.times[-1] for s in chosen))
 
     def query_range(self, query: str, start: float, end: float, step: float) -> Panel:
         try:

@@ -25,6 +25,9 @@ from exporter.store import StateStore
 
 log = logging.getLogger(__name__)
 
+# A repeated warning or error is logged again after this long, and at DEBUG in between.
+REPEAT_LOG_SECONDS = 600.0
+
 # How far back a score run catches up after a restart or an outage, at most.
 MAX_CATCH_UP_SECONDS = 86400.0
 
@@ -86,6 +89,7 @@ class DetectorJob:
         self._score_lock = threading.Lock()
         self._swap_lock = threading.Lock()
         self._empty_phases: set[str] = set()
+        self._last_logged: dict[str, tuple[str, float]] = {}
         self._fingerprint = config.fingerprint()
         self._detector_type = detector_class(config.type)
         self._params = config.typed_params()
@@ -190,8 +194,9 @@ class DetectorJob:
         missing = len(panel.labels) - len(keep)
         if missing:
             self.metrics.dropped.labels(self.name, "missing_entity_label").inc(missing)
-            log.warning("detector=%s dropped %d series without all entity labels %s",
-                        self.name, missing, self.config.entity_labels)
+            self._log_repeated(logging.WARNING, "missing_entity_label",
+                               "detector=%s dropped %d series without all entity labels %s",
+                               self.name, missing, self.config.entity_labels)
         # Series of entities that other shards own are theirs, not dropped, so they are not
         # counted. max_series below therefore applies to each shard's own series.
         # NOTE: every shard still receives the whole query result before this filter, so more
@@ -202,11 +207,44 @@ class DetectorJob:
             over = len(keep) - self.config.max_series
             keep = sorted(keep[: self.config.max_series])
             self.metrics.dropped.labels(self.name, "max_series").inc(over)
-            log.warning("detector=%s %s query returned %d series more than max_series=%d; dropped them",
-                        self.name, phase, over, self.config.max_series)
+            self._log_repeated(logging.WARNING, "max_series",
+                               "detector=%s %s query returned %d series more than max_series=%d; dropped them",
+                               self.name, phase, over, self.config.max_series)
+        keep = self._drop_label_collisions(panel, keep)
         if len(keep) == len(panel.labels):
             return panel
         return Panel(panel.values[keep], panel.timestamps, [panel.labels[i] for i in keep])
+
+    def _drop_label_collisions(self, panel: Panel, keep: list[int]) -> list[int]:
+        """Drop series whose output labels equal an earlier one's, which static labels can cause.
+
+        Prometheus would keep only one of two identical series, silently.
+        """
+        seen, unique = set(), []
+        for index in keep:
+            key = series_key(self.output_labels(panel.labels[index]))
+            if key not in seen:
+                seen.add(key)
+                unique.append(index)
+        collisions = len(keep) - len(unique)
+        if collisions:
+            self.metrics.dropped.labels(self.name, "label_collision").inc(collisions)
+            self._log_repeated(logging.WARNING, "label_collision",
+                               "detector=%s dropped %d series whose output labels equal another's: the static "
+                               "labels %s replace input labels that told them apart; rename the static labels",
+                               self.name, collisions, sorted(self.config.labels))
+        return unique
+
+    def _log_repeated(self, level: int, topic: str, message: str, *args) -> None:
+        """Log a repeating message once, then again only when it changes or every REPEAT_LOG_SECONDS."""
+        text = message % args
+        last_text, last_time = self._last_logged.get(topic, (None, -np.inf))
+        now = time.monotonic()
+        if text != last_text or now - last_time >= REPEAT_LOG_SECONDS:
+            log.log(level, text)
+            self._last_logged[topic] = (text, now)
+        else:
+            log.debug(text)
 
     def fit(self) -> None:
         """Query the fit window, fit a new model, save it and swap it in."""
@@ -383,4 +421,5 @@ class DetectorJob:
         if error is None:
             log.exception("detector=%s %s run failed with an unexpected error", self.name, phase)
         else:
-            log.error("detector=%s %s run failed: %s", self.name, phase, error)
+            self._log_repeated(logging.ERROR, f"{phase} failure", "detector=%s %s run failed: %s",
+                               self.name, phase, error)

@@ -97,7 +97,13 @@ def load_windows(path: Path) -> dict[str, list[tuple[float, float]]]:
         raise ValueError(f"{path}: expected a JSON object mapping series names to lists of [start, end]")
     windows = {}
     for name, spans in raw.items():
-        windows[name] = [(_to_seconds(start), _to_seconds(end)) for start, end in spans]
+        try:
+            windows[name] = [(_to_seconds(start), _to_seconds(end)) for start, end in spans]
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{path}: the windows of {name!r} are {spans!r}; expected a list of [start, end] pairs "
+                "of times such as \"2014-02-08 14:30:00\" or Unix seconds"
+            ) from None
     return windows
 
 

@@ -214,7 +214,8 @@ class PrometheusSource:
             except requests.RequestException as error:
                 reason = f"request failed: {type(error).__name__}: {_short(error)}"
             except ValueError as error:
-                reason = f"invalid response: {error}"
+                reason = (f"invalid response, not the JSON of a Prometheus query API ({_short(error)}): "
+                          "check that source.url points at the API root, such as http://prometheus:9090")
             self.up = False
             if attempt == attempts:
                 raise SourceUnavailable(f"{self.config.url} {reason} (after {attempts} attempts)")

@@ -156,7 +156,7 @@ def test_command_rejects_bad_range(csv_folder, tmp_path):
         capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert completed.returncode == 2
-    assert "--to must be after --from" in completed.stderr
+    assert "is not after the start" in completed.stderr
     assert "Traceback" not in completed.stderr
 
 
@@ -172,3 +172,42 @@ def test_run_rejects_csv_source(csv_folder, tmp_path):
     )
     assert completed.returncode == 2
     assert "source.url" in completed.stderr
+
+
+def test_failing_detector_keeps_others(csv_folder, tmp_path):
+    config_path = tmp_path / "backtest.yml"
+    config_path.write_text(yaml.safe_dump({
+        "source": {"csv": {"path": str(csv_folder / "*.csv")}},
+        "detectors": [
+            {"name": "good", "query": "spiky", "type": "seasonal", "step": "5m", "fit_window": "3d",
+             "fit_every": "12h", "params": {"min_history": "1d"}},
+            {"name": "bad", "query": "([", "type": "seasonal", "step": "5m"},
+        ],
+    }))
+    output = tmp_path / "out"
+    completed = subprocess.run(
+        [sys.executable, "-m", "exporter", "backtest", "--config", str(config_path), "--output", str(output),
+         "--from", str(START + DAY), "--to", str(START + 3 * DAY), "--no-report", "--quiet"],
+        capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert completed.returncode == 1
+    assert "bad failed" in completed.stderr
+    frame = pd.read_csv(output / "scores.csv")
+    assert set(frame["detector"]) == {"good"}
+
+
+def test_static_label_collision_dropped(csv_folder):
+    from prometheus_client import CollectorRegistry
+
+    from exporter.job import DetectorJob
+    from exporter.metrics import SelfMetrics
+    from exporter.store import StateStore
+
+    registry = CollectorRegistry()
+    config = detector(entity_labels=["column"], labels={"series": "merged"})
+    job = DetectorJob(config, CsvSource(str(csv_folder / "*.csv")), StateStore(None), SelfMetrics(registry))
+    panel = job.query(START, START + DAY, "fit")
+    assert len(panel.labels) == 1
+    dropped = registry.get_sample_value(
+        "anomaly_exporter_series_dropped_total", {"detector": "bt", "reason": "label_collision"})
+    assert dropped == 1

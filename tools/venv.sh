@@ -2,9 +2,10 @@
 # Print the path of a virtualenv with the project's dependencies, creating it when needed.
 #
 # The virtualenv is keyed on a hash of pyproject.toml, so repeated runs and fresh clones
-# with the same dependency list reuse it. The project itself is not installed into it: the
-# Makefile puts the repository on PYTHONPATH, which keeps one virtualenv valid for every
-# clone. Set VENV_EXTRAS to add optional extras (for example "tensorflow").
+# with the same dependency list reuse it. This script installs only the dependencies;
+# `make test` adds an editable install of the checkout for the console script, and the
+# Makefile puts the checkout first on PYTHONPATH, so whichever clone runs is the one tested.
+# Set VENV_EXTRAS to add optional extras (for example "tensorflow").
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python3}

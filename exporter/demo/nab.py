@@ -271,7 +271,7 @@ def load_series(
     spec = NAB_FILES[file] if isinstance(file, str) else file
     data_dir = Path(data_dir)
     series, report = read_nab_csv(data_dir / spec.key)
-    log = logger.warning if report.changed else logger.info
+    log = logger.info
     log("read NAB file: %s", report.summary())
 
     cut_at = _resolve_cut(spec, cut)
