@@ -101,13 +101,10 @@ def score_group(keys, files, step, settings) -> tuple[dict[str, np.ndarray], dic
 
 def onsets(scores: np.ndarray, times: np.ndarray, threshold: float) -> np.ndarray:
     """Flag the rows where the score reaches ``threshold`` after ONSET_QUIET_SECONDS below it."""
-    above = scores >= threshold
+    rows = np.flatnonzero(scores >= threshold)
+    previous = np.r_[-np.inf, times[rows[:-1]]]
     flags = np.zeros(scores.size)
-    last = -np.inf
-    for index in np.flatnonzero(above):
-        if times[index] - last > ONSET_QUIET_SECONDS:
-            flags[index] = 1.0
-        last = times[index]
+    flags[rows[times[rows] - previous > ONSET_QUIET_SECONDS]] = 1.0
     return flags
 
 
