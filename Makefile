@@ -21,8 +21,9 @@ demo: check-binaries
 
 # The project is installed in editable mode so the anomaly-exporter console script exists;
 # PYTHONPATH still makes this checkout win when several clones share the virtualenv.
+# The tensorflow extra is included because the equipment detector's autoencoder tests need it.
 test:
-	@venv=$$(PYTHON=$(PYTHON) tools/venv.sh) && \
+	@venv=$$(PYTHON=$(PYTHON) VENV_EXTRAS=tensorflow tools/venv.sh) && \
 	  "$$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e . && \
 	  "$$venv/bin/python" -m pytest -p no:cacheprovider
 
