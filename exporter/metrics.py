@@ -66,7 +66,7 @@ class SelfMetrics:
         )
         self.dropped = Counter(
             "anomaly_exporter_series_dropped",
-            "Input series dropped by reason (max_series, missing_entity_label, duplicate).",
+            "Input series dropped by reason (max_series, missing_entity_label, duplicate, label_collision).",
             ["detector", "reason"],
             registry=registry,
         )

@@ -726,7 +726,7 @@ def exporter_health() -> dashboard_builder.Dashboard:
         ))
         .with_panel(with_targets(
             _graph("Dropped series", "Input series left out of runs in each interval, by reason: max_series "
-                   "(over the detector's limit), missing_entity_label or duplicate.", "none",
+                   "(over the detector's limit), missing_entity_label, duplicate or label_collision.", "none",
                    thresholds((None, "green"), (1, "orange")))
             .no_value("No series dropped")
             .min(0),
