@@ -9,10 +9,7 @@ Grafana would, with the template variables replaced by values that exist in that
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -26,7 +23,7 @@ from grafana_foundation_sdk.cog.plugins import register_default_plugins
 from grafana_foundation_sdk.models.dashboard import Dashboard as DashboardModel
 
 from exporter.demo.simulator import Anomaly, LiveServer, default_simulator
-from exporter.demo.stack import AlertmanagerProcess, PrometheusProcess, WebhookReceiver, backfill_series, free_port
+from exporter.demo.stack import AlertingStack, PrometheusProcess, WebhookReceiver, backfill_series
 from grafana import build, configmaps
 from grafana.common import TAG, slugify
 from rules.render import RuleParameters, render_rule_groups
@@ -425,11 +422,10 @@ def _detector(name: str, query: str, entity_label: str, **extra) -> dict:
     }
 
 
-def _exporter_config(path: Path, prometheus_url: str, port: int) -> None:
-    config = {
-        "source": {"url": prometheus_url, "query_delay": "0s", "timeout": "5s", "max_retries": 1},
-        "listen_address": f"127.0.0.1:{port}",
-        "state_dir": str(path.parent / "state"),
+def _exporter_config(state_dir: Path) -> dict:
+    return {
+        "source": {"query_delay": "0s", "timeout": "5s", "max_retries": 1},
+        "state_dir": str(state_dir),
         "detectors": [
             _detector("host_cpu", "demo_host_cpu_utilisation_ratio", "host", direction="up"),
             # Four tenants with room for three, so the dropped series panel has data.
@@ -438,7 +434,6 @@ def _exporter_config(path: Path, prometheus_url: str, port: int) -> None:
             _detector("equipment_vibration", "demo_equipment_vibration_rms_mm_per_second", "equipment", direction="up"),
         ],
     }
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
 
 
 def _has_finite_value(result: list[dict]) -> bool:
@@ -500,53 +495,24 @@ def live(tmp_path_factory):
     history = list(simulator.history(now - 8 * 86400, now - 30, 60.0, job="demo", instance=live_server.target))
     backfill_series(history, work / "tsdb")
 
-    receiver = WebhookReceiver().start()
-    alertmanager = AlertmanagerProcess(receiver.url, group_by=["alertname", "detector", "entity"]).start()
-    rules = work / "rules.yml"
-    rules.write_text(yaml.safe_dump(render_rule_groups(FAST_RULES), sort_keys=False), encoding="utf-8")
-    exporter_port = free_port()
-    prometheus = PrometheusProcess(
-        work / "tsdb",
-        scrape_configs=[
-            {"job_name": "demo", "targets": [live_server.target], "scrape_interval": "1s"},
-            {"job_name": "anomaly-exporter", "targets": [f"127.0.0.1:{exporter_port}"],
-             "scrape_interval": "1s", "honor_labels": True},
-        ],
-        rule_files=[rules],
-        alertmanager_url=alertmanager.url,
-        evaluation_interval="1s",
-    ).start()
-
-    config = work / "exporter.yml"
-    _exporter_config(config, prometheus.url, exporter_port)
-    log_path = work / "exporter.log"
-    started = time.time()
-    with open(log_path, "wb") as log_file:
-        exporter = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "run", "--config", str(config)],
-            stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        )
-    stack = LiveStack(prometheus, receiver, started)
+    alerting = AlertingStack(
+        work, tsdb=work / "tsdb", simulator_target=live_server.target,
+        rule_groups=render_rule_groups(FAST_RULES), exporter_config=_exporter_config(work / "state"),
+    )
     try:
-        deadline = time.monotonic() + LIVE_TIMEOUT_SECONDS
-        while _empty_queries(stack) and time.monotonic() < deadline and exporter.poll() is None:
-            time.sleep(2)
-        try:
-            receiver.wait_for(_is_pump_alert, timeout=max(1.0, deadline - time.monotonic()))
-        except TimeoutError:
-            pass  # test_live_alert_links_entity reports it.
-        yield stack
+        with alerting:
+            stack = LiveStack(alerting.prometheus, alerting.receiver, alerting.started)
+            deadline = time.monotonic() + LIVE_TIMEOUT_SECONDS
+            while _empty_queries(stack) and time.monotonic() < deadline and alerting.exporter.poll() is None:
+                time.sleep(2)
+            try:
+                alerting.receiver.wait_for(_is_pump_alert, timeout=max(1.0, deadline - time.monotonic()))
+            except TimeoutError:
+                pass  # test_live_alert_links_entity reports it.
+            yield stack
     finally:
-        exporter.terminate()
-        try:
-            exporter.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            exporter.kill()
-        prometheus.close()
-        alertmanager.close()
-        receiver.stop()
         live_server.stop()
-        print(log_path.read_text(encoding="utf-8")[-4000:])
+        print(alerting.exporter_log_tail())
 
 
 def _is_pump_alert(alert: dict) -> bool:

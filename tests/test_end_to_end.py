@@ -6,10 +6,7 @@ and nothing for the clean hosts; then Prometheus goes away and comes back while 
 keeps answering.
 """
 
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,13 +15,7 @@ import requests
 import yaml
 
 from exporter.demo.simulator import LiveServer, Simulator, default_series
-from exporter.demo.stack import (
-    AlertmanagerProcess,
-    PrometheusProcess,
-    WebhookReceiver,
-    backfill_series,
-    free_port,
-)
+from exporter.demo.stack import AlertingStack, backfill_series
 from rules.render import RuleParameters, render_rule_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,11 +40,10 @@ def host_cpu_simulator() -> Simulator:
     return Simulator(series, anomalies=(), seed=3)
 
 
-def exporter_config(path: Path, prometheus_url: str, port: int) -> None:
-    config = {
-        "source": {"url": prometheus_url, "query_delay": "0s", "timeout": "2s", "max_retries": 1},
-        "listen_address": f"127.0.0.1:{port}",
-        "state_dir": str(path.parent / "state"),
+def exporter_config(state_dir: Path) -> dict:
+    return {
+        "source": {"query_delay": "0s", "timeout": "2s", "max_retries": 1},
+        "state_dir": str(state_dir),
         "detectors": [
             {
                 "name": "host_cpu",
@@ -69,7 +59,6 @@ def exporter_config(path: Path, prometheus_url: str, port: int) -> None:
             }
         ],
     }
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
 
 
 def scrape(url: str) -> tuple[float, str]:
@@ -109,52 +98,21 @@ def stack(tmp_path):
     live = LiveServer(simulator)
     history = list(simulator.history(now - 3.5 * 86400, now - 30, 60.0, job="demo", instance=live.target))
     backfill_series(history, tmp_path / "tsdb")
-
-    receiver = WebhookReceiver().start()
-    alertmanager = AlertmanagerProcess(
-        receiver.url,
-        group_by=["alertname", "detector", "entity"],
-        inhibit_rules=yaml.safe_load((ROOT / "examples/alertmanager/alertmanager.yml").read_text())["inhibit_rules"],
-    ).start()
-    rules = tmp_path / "rules.yml"
-    rules.write_text(yaml.safe_dump(render_rule_groups(FAST_RULES), sort_keys=False))
-    exporter_port = free_port()
-    prometheus = PrometheusProcess(
-        tmp_path / "tsdb",
-        scrape_configs=[
-            {"job_name": "demo", "targets": [live.target], "scrape_interval": "1s"},
-            {"job_name": "anomaly-exporter", "targets": [f"127.0.0.1:{exporter_port}"],
-             "scrape_interval": "1s", "honor_labels": True},
-        ],
-        rule_files=[rules],
-        alertmanager_url=alertmanager.url,
-        evaluation_interval="1s",
-    ).start()
-
-    config = tmp_path / "exporter.yml"
-    exporter_config(config, prometheus.url, exporter_port)
-    log_path = tmp_path / "exporter.log"
-    with open(log_path, "wb") as log_file:
-        exporter = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "run", "--config", str(config)],
-            stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        )
+    inhibit_rules = yaml.safe_load((ROOT / "examples/alertmanager/alertmanager.yml").read_text())["inhibit_rules"]
+    alerting = AlertingStack(
+        tmp_path, tsdb=tmp_path / "tsdb", simulator_target=live.target, rule_groups=render_rule_groups(FAST_RULES),
+        exporter_config=exporter_config(tmp_path / "state"), inhibit_rules=inhibit_rules,
+    )
     try:
-        yield {
-            "live": live, "receiver": receiver, "prometheus": prometheus, "alertmanager": alertmanager,
-            "metrics_url": f"http://127.0.0.1:{exporter_port}/metrics", "log": log_path, "exporter": exporter,
-        }
+        with alerting:
+            yield {
+                "live": live, "receiver": alerting.receiver, "prometheus": alerting.prometheus,
+                "alertmanager": alerting.alertmanager, "metrics_url": alerting.metrics_url,
+                "log": alerting.log_path, "exporter": alerting.exporter,
+            }
     finally:
-        exporter.terminate()
-        try:
-            exporter.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            exporter.kill()
-        prometheus.close()
-        alertmanager.close()
-        receiver.stop()
         live.stop()
-        print(log_path.read_text()[-4000:])
+        print(alerting.exporter_log_tail())
 
 
 def anomaly_alerts(receiver) -> list[dict]:

@@ -7,9 +7,7 @@ process with ``examples/demo/exporter.yml`` and prints every alert Alertmanager 
 
 import argparse
 import logging
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +18,7 @@ import yaml
 
 from exporter.demo import nab
 from exporter.demo.simulator import LiveServer, default_simulator
-from exporter.demo.stack import AlertmanagerProcess, PrometheusProcess, WebhookReceiver, backfill_series, free_port
+from exporter.demo.stack import AlertingStack, backfill_series
 from exporter.durations import parse_duration
 from rules.render import RuleParameters, render_rule_groups
 
@@ -68,14 +66,11 @@ def _history(now: float, live: LiveServer, simulator) -> list:
     return series
 
 
-def _exporter_config(work: Path, prometheus_url: str, port: int) -> Path:
+def _exporter_config(work: Path) -> dict:
+    """Return the demo's exporter configuration with its state in the work folder."""
     config = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
-    config["source"]["url"] = prometheus_url
-    config["listen_address"] = f"127.0.0.1:{port}"
     config["state_dir"] = str(work / "state")
-    path = work / "exporter.yml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path
+    return config
 
 
 def _inhibit_rules() -> list:
@@ -124,7 +119,6 @@ def run_demo(duration: float, exporter_port: int, keep: bool) -> int:
     now = time.time()
     simulator = default_simulator(now)
     processes = []
-    exporter = None
     print(f"work folder: {work}")
     try:
         live = LiveServer(simulator)
@@ -133,39 +127,18 @@ def run_demo(duration: float, exporter_port: int, keep: bool) -> int:
         samples = backfill_series(_history(now, live, simulator), work / "tsdb")
         print(f"  {samples} samples written")
 
-        receiver = WebhookReceiver().start()
-        processes.append(receiver)
-        alertmanager = AlertmanagerProcess(
-            receiver.url, group_by=["alertname", "detector", "entity"], inhibit_rules=_inhibit_rules()
-        ).start()
-        processes.append(alertmanager)
-
-        rules_path = work / "rules.yml"
-        rules_path.write_text(yaml.safe_dump(render_rule_groups(DEMO_RULES), sort_keys=False), encoding="utf-8")
-        exporter_port = exporter_port or free_port()
-        prometheus = PrometheusProcess(
-            work / "tsdb",
-            scrape_configs=[
-                {"job_name": SIMULATOR_JOB, "targets": [live.target], "scrape_interval": "10s"},
-                {"job_name": "anomaly-exporter", "targets": [f"127.0.0.1:{exporter_port}"],
-                 "scrape_interval": "10s", "honor_labels": True},
-            ],
-            rule_files=[rules_path],
-            alertmanager_url=alertmanager.url,
-            evaluation_interval="10s",
-        ).start()
-        processes.append(prometheus)
-
-        config_path = _exporter_config(work, prometheus.url, exporter_port)
-        log_path = work / "exporter.log"
-        environment = dict(os.environ, PYTHONPATH=str(ROOT))
-        exporter = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "run", "--config", str(config_path)],
-            stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"), env=environment,
+        alerting = AlertingStack(
+            work, tsdb=work / "tsdb", simulator_target=live.target, simulator_job=SIMULATOR_JOB, interval="10s",
+            rule_groups=render_rule_groups(DEMO_RULES), exporter_config=_exporter_config(work),
+            inhibit_rules=_inhibit_rules(), exporter_port=exporter_port,
         )
-        metrics_url = f"http://127.0.0.1:{exporter_port}/metrics"
-        print(f"Prometheus:   {prometheus.url}")
-        print(f"Alertmanager: {alertmanager.url}")
+        processes.append(alerting)
+        alerting.start()
+        receiver, exporter = alerting.receiver, alerting.exporter
+        metrics_url = alerting.metrics_url
+        log_path = alerting.log_path
+        print(f"Prometheus:   {alerting.prometheus.url}")
+        print(f"Alertmanager: {alerting.alertmanager.url}")
         print(f"exporter:     {metrics_url}  (log: {log_path})")
         print(f"running for {duration:g}s; host h2's CPU gets an injected spike after {INJECTION_DELAY:g}s\n")
 
@@ -193,14 +166,11 @@ def run_demo(duration: float, exporter_port: int, keep: bool) -> int:
         print(f"\n{shown} alert notifications received")
         return 0
     finally:
-        if exporter is not None and exporter.poll() is None:
-            exporter.terminate()
-            try:
-                exporter.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                exporter.kill()
         for process in reversed(processes):
-            process.stop()
+            if isinstance(process, AlertingStack):
+                process.close()
+            else:
+                process.stop()
         if keep:
             print(f"kept {work}")
         else:

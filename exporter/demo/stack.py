@@ -26,6 +26,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -1062,3 +1063,118 @@ class WebhookReceiver:
             f"timed out after {timeout} s waiting for a matching alert at {self.url}; "
             f"received {len(received)} alerts: {json.dumps(summary)[:2000]}"
         )
+
+
+# ---------------------------------------------------------------------------
+# The whole alerting path, for the demo and the end-to-end tests
+# ---------------------------------------------------------------------------
+
+
+class AlertingStack:
+    """Alertmanager with a webhook receiver, Prometheus with rules, and the exporter as a child process.
+
+    Prometheus runs on ``tsdb`` (backfill it first) and scrapes the simulator at
+    ``simulator_target`` under job ``simulator_job`` and the exporter under job
+    ``anomaly-exporter`` with ``honor_labels``. ``exporter_config`` is the exporter's
+    configuration without ``source.url`` and ``listen_address``, which are filled in here;
+    the exporter listens on ``exporter_port`` of 127.0.0.1, a free port when it is 0.
+    Use it as a context manager: leaving the block stops every process.
+    """
+
+    def __init__(
+        self,
+        work: str | os.PathLike[str],
+        *,
+        tsdb: str | os.PathLike[str],
+        simulator_target: str,
+        rule_groups: Mapping[str, Any],
+        exporter_config: Mapping[str, Any],
+        simulator_job: str = "demo",
+        interval: str = "1s",
+        inhibit_rules: Iterable[Mapping[str, Any]] = (),
+        exporter_port: int = 0,
+    ) -> None:
+        self.work = Path(work)
+        self.tsdb = Path(tsdb)
+        self.simulator_target = simulator_target
+        self.rule_groups = dict(rule_groups)
+        self.exporter_settings = dict(exporter_config)
+        self.simulator_job = simulator_job
+        self.interval = interval
+        self.inhibit_rules = list(inhibit_rules)
+        self.receiver: WebhookReceiver | None = None
+        self.alertmanager: AlertmanagerProcess | None = None
+        self.prometheus: PrometheusProcess | None = None
+        self.exporter: subprocess.Popen[bytes] | None = None
+        self.exporter_port = exporter_port or free_port()
+        self.log_path = self.work / "exporter.log"
+        self.config_path = self.work / "exporter.yml"
+        self.started = 0.0
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.exporter_port}/metrics"
+
+    def start(self) -> Self:
+        """Start the receiver, Alertmanager, Prometheus and the exporter, in that order."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.receiver = WebhookReceiver().start()
+        self.alertmanager = AlertmanagerProcess(
+            self.receiver.url, group_by=["alertname", "detector", "entity"], inhibit_rules=self.inhibit_rules
+        ).start()
+        rules_path = self.work / "rules.yml"
+        rules_path.write_text(yaml.safe_dump(self.rule_groups, sort_keys=False), encoding="utf-8")
+        self.prometheus = PrometheusProcess(
+            self.tsdb,
+            scrape_configs=[
+                {"job_name": self.simulator_job, "targets": [self.simulator_target], "scrape_interval": self.interval},
+                {"job_name": "anomaly-exporter", "targets": [f"127.0.0.1:{self.exporter_port}"],
+                 "scrape_interval": self.interval, "honor_labels": True},
+            ],
+            rule_files=[rules_path],
+            alertmanager_url=self.alertmanager.url,
+            evaluation_interval=self.interval,
+        ).start()
+
+        config = dict(self.exporter_settings)
+        config["source"] = {**config.get("source", {}), "url": self.prometheus.url}
+        config["listen_address"] = f"127.0.0.1:{self.exporter_port}"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        root = Path(__file__).resolve().parents[2]
+        environment = dict(os.environ, PYTHONPATH=str(root))
+        self.started = time.time()
+        with open(self.log_path, "wb") as log_file:
+            self.exporter = subprocess.Popen(
+                [sys.executable, "-m", "exporter", "run", "--config", str(self.config_path)],
+                stdout=log_file, stderr=subprocess.STDOUT, env=environment,
+            )
+        return self
+
+    def close(self) -> None:
+        """Stop the exporter, then Prometheus, Alertmanager and the receiver."""
+        if self.exporter is not None and self.exporter.poll() is None:
+            self.exporter.terminate()
+            try:
+                self.exporter.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.exporter.kill()
+        for server in (self.prometheus, self.alertmanager):
+            if server is not None:
+                server.close()
+        if self.receiver is not None:
+            self.receiver.stop()
+
+    def exporter_log_tail(self, characters: int = 4000) -> str:
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")[-characters:]
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
