@@ -76,8 +76,7 @@ def replay(config: DetectorConfig, source, start: float, end: float, progress=No
         upper=np.full(shape, np.nan),
     )
     if not panel.labels:
-        log.warning("detector=%s the replayed query returned no series", config.name)
-        return result
+        raise ValueError(f"the query {config.query!r} selected no series between {_iso(start)} and {_iso(end)}")
     offset = int(np.argmax(replayed))
 
     schedule = fit_times(start, end, config.fit_every)
@@ -170,12 +169,17 @@ def run_command(args) -> int:
             default_start, default_end = source.time_range([d.query for d in detectors])
         start = parse_time(args.start, now) if args.start else default_start
         end = parse_time(args.end, now) if args.end else default_end
-        windows = report.load_windows(Path(args.labels)) if args.labels else {}
+        windows = {}
+        if args.labels:
+            try:
+                windows = report.load_windows(Path(args.labels))
+            except (OSError, ValueError) as error:
+                raise ValueError(f"--labels {args.labels}: {error}") from None
     except (ValueError, OSError, QueryError) as error:
-        print(f"invalid argument: {error}", file=sys.stderr)
+        print(f"cannot start the backtest: {error}", file=sys.stderr)
         return 2
-    if end <= start:
-        print(f"invalid range: the end ({_iso(end)}) is not after the start ({_iso(start)}); "
+    if end - start < min(d.step for d in detectors):
+        print(f"invalid range: the end ({_iso(end)}) is not at least one step after the start ({_iso(start)}); "
               "check --from and --to, and that the data covers them", file=sys.stderr)
         return 2
 

@@ -25,6 +25,16 @@ def _duration_argument(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _count_argument(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a whole number, 0 or more")
+    return value
+
+
 def _listen_address_argument(text: str) -> str:
     # The override skips the configuration's validation, so it is checked here.
     try:
@@ -81,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     backtest.add_argument("--labels", help="JSON file of labelled windows: {series: [[start, end], ...]}")
     backtest.add_argument("--openmetrics", action="store_true", help="also write scores.om for promtool backfill")
     backtest.add_argument("--no-report", action="store_true", help="skip the HTML report and its plots")
-    backtest.add_argument("--max-plots", type=int, default=50, help="plot at most this many series (default 50)")
+    backtest.add_argument("--max-plots", type=_count_argument, default=50, help="plot at most this many series (default 50)")
     backtest.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")

@@ -20,6 +20,9 @@ from exporter.source import Panel, QueryError, grid
 
 log = logging.getLogger(__name__)
 
+# Unix seconds of the year 5000: a larger numeric timestamp is in another unit.
+MAX_UNIX_SECONDS = 95_617_584_000.0
+
 # Prometheus' default lookback delta: how old a sample may be and still count at a grid time.
 DEFAULT_LOOKBACK = 300.0
 
@@ -34,10 +37,20 @@ class _Series:
 def _read_file(path: Path, timestamp_column: str, separator: str, exclude: set[str]) -> list[_Series]:
     frame = pd.read_csv(path, sep=separator)
     if timestamp_column not in frame.columns:
-        raise QueryError(f"{path}: no column {timestamp_column!r}; the columns are {list(frame.columns)}")
+        raise QueryError(
+            f"{path}: no column {timestamp_column!r}; the columns are {list(frame.columns)}: "
+            "set source.csv.timestamp_column (and source.csv.separator if the columns look merged)"
+        )
+    if frame.empty:
+        raise QueryError(f"{path}: the file has a header but no data rows")
     raw = frame[timestamp_column]
     if pd.api.types.is_numeric_dtype(raw):
         times = raw.to_numpy(dtype=np.float64)
+        if np.nanmax(np.abs(times)) > MAX_UNIX_SECONDS:
+            raise QueryError(
+                f"{path}: timestamps such as {np.nanmax(times):.0f} are past the year 5000, so they look like "
+                "milliseconds or nanoseconds: convert the column to Unix seconds or to date-times"
+            )
     else:
         parsed = pd.to_datetime(raw, utc=True, errors="coerce", format="mixed")
         times = (parsed - pd.Timestamp("1970-01-01", tz="UTC")).dt.total_seconds().to_numpy()

@@ -14,6 +14,7 @@ from exporter.backtest import fit_times, parse_time, replay
 from exporter.config import DetectorConfig
 from exporter.csvsource import CsvSource
 from exporter.demo.stack import find_binary
+from exporter.source import QueryError
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP = 300.0
@@ -156,7 +157,7 @@ def test_command_rejects_bad_range(csv_folder, tmp_path):
         capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert completed.returncode == 2
-    assert "is not after the start" in completed.stderr
+    assert "is not at least one step after the start" in completed.stderr
     assert "Traceback" not in completed.stderr
 
 
@@ -211,3 +212,21 @@ def test_static_label_collision_dropped(csv_folder):
     dropped = registry.get_sample_value(
         "anomaly_exporter_series_dropped_total", {"detector": "bt", "reason": "label_collision"})
     assert dropped == 1
+
+
+def test_csv_milliseconds_rejected(tmp_path):
+    (tmp_path / "ms.csv").write_text("timestamp,value\n1767571200000,1\n1767571500000,2\n")
+    with pytest.raises(QueryError, match="milliseconds"):
+        CsvSource(str(tmp_path / "ms.csv"))
+
+
+def test_csv_header_only_rejected(tmp_path):
+    (tmp_path / "empty.csv").write_text("timestamp,value\n")
+    with pytest.raises(QueryError, match="no data rows"):
+        CsvSource(str(tmp_path / "empty.csv"))
+
+
+def test_query_selecting_nothing_fails(csv_folder):
+    source = CsvSource(str(csv_folder / "*.csv"))
+    with pytest.raises(ValueError, match="selected no series"):
+        replay(detector(query="nothing_like_this"), source, START + DAY, START + 2 * DAY)
