@@ -227,6 +227,13 @@ def run_command(args) -> int:
         path = report.write_openmetrics(
             results, lambda result, row: jobs[result.detector].output_labels(result.labels[row]), folder / "scores.om")
         print(f"OpenMetrics for promtool tsdb create-blocks-from openmetrics: {path}")
+    matched = {name for name in windows if any(
+        report.windows_for(labels, result.entities[row], {name: windows[name]})
+        for result in results for row, labels in enumerate(result.labels))}
+    unmatched = sorted(set(windows) - matched)
+    if unmatched:
+        print(f"--labels: {len(unmatched)} of its names match no replayed series, such as {unmatched[0]!r}; "
+              "use the entity (for example series=NAME), the series label or the file name", file=sys.stderr)
     if not args.no_report:
         path = report.write_html(results, windows, folder, args.max_plots, f"Backtest of {Path(args.config).name}")
         print(f"report: {path}")

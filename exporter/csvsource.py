@@ -64,7 +64,13 @@ def _read_file(path: Path, timestamp_column: str, separator: str, exclude: set[s
     for column in frame.columns:
         if column == timestamp_column or column in exclude:
             continue
-        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)[keep][order]
+        raw_values = frame[column]
+        numbers = pd.to_numeric(raw_values, errors="coerce")
+        unreadable = int((numbers.isna() & raw_values.notna()).sum())
+        if unreadable:
+            log.warning("%s: %d values of column %r are not numbers and count as missing; "
+                        "list label columns in source.csv.exclude_columns", path, unreadable, column)
+        values = numbers.to_numpy(dtype=np.float64)[keep][order]
         labels = {"series": path.stem, "column": str(column)}
         series.append(_Series(labels, times[last_of_each], values[last_of_each]))
     return series

@@ -230,3 +230,10 @@ def test_query_selecting_nothing_fails(csv_folder):
     source = CsvSource(str(csv_folder / "*.csv"))
     with pytest.raises(ValueError, match="selected no series"):
         replay(detector(query="nothing_like_this"), source, START + DAY, START + 2 * DAY)
+
+
+def test_csv_text_values_warned(tmp_path, caplog):
+    (tmp_path / "mixed.csv").write_text("timestamp,value\n1767571200,1\n1767571500,oops\n")
+    with caplog.at_level("WARNING", logger="exporter.csvsource"):
+        CsvSource(str(tmp_path / "mixed.csv"))
+    assert any("not numbers" in record.getMessage() for record in caplog.records)
