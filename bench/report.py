@@ -12,7 +12,7 @@ BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 
 HEADER = """# Benchmarks
 
-Every figure on this page is written by a command in `bench/`; each section says which command
+Every figure on this page is written by a command in `bench/`; each section names the command
 and when it ran. Rerun a command to replace its section.
 """
 

@@ -47,7 +47,7 @@ HALFLIFE_CANDIDATES = (1800.0, 7200.0, 21600.0, 86400.0)
 # and to measure the one-step noise.
 TRACKER_COLUMNS = 2016
 
-# Columns used to choose the seasonality and to estimate resolution and tails; an even subset
+# Columns used to choose the seasonality and to estimate resolution and tails. An even subset
 # of 14 days at 5 minutes keeps the estimates stable at a third of the cost.
 SELECTION_COLUMNS = 1344
 
@@ -212,7 +212,7 @@ class SeasonalDetector(Detector):
         self.ready_mask_ = count * self.step >= parse_duration(params.min_history)
         span = self._span_seconds(valid, timestamps)
 
-        # Detrend with smoothed daily medians so that the profile sees only the cycle. Values
+        # Detrend with smoothed daily medians so that the profile contains only the cycle. Values
         # minus their median are small next to the level, so float32 keeps enough precision
         # at half the memory traffic.
         columns = _even_subset(timestamps.size, SELECTION_COLUMNS)

@@ -32,11 +32,11 @@ from exporter.durations import format_duration, parse_duration
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 DETECTOR_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_:-]*$")
 
-# Largest fit_window / step: 366 days at 1 minute. A fit holds a few float arrays of this
+# Largest fit_window / step: 366 days at 1 minute. A fit keeps a few float arrays of this
 # length per series, so more would exhaust memory long before it improved a baseline.
 MAX_FIT_POINTS = 527_040
 
-# Longest fit_every or score_every the scheduler accepts.
+# Maximum fit_every or score_every the scheduler accepts.
 MAX_INTERVAL_SECONDS = 366 * 86400.0
 
 # Labels the exporter adds to every anomaly series; an input or static label may not use them.

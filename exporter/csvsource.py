@@ -1,6 +1,6 @@
 """A source that reads series from CSV files instead of a query API, for backtests.
 
-Each file holds a timestamp column and one or more value columns; each value column is a
+Each file contains a timestamp column and one or more value columns; each value column is a
 series with the labels ``series`` (the file name without extension) and ``column``. A
 detector's ``query`` is a regular expression that must match the whole ``series`` name.
 Samples are placed on the query grid the way Prometheus evaluates a range query: the newest

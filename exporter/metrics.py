@@ -130,7 +130,7 @@ class AnomalyCollector(Collector):
     """Builds the ``anomaly_*`` families from the latest results of every detector job.
 
     ``jobs`` returns the current jobs; each job's ``snapshot`` is replaced whole by the job,
-    so a scrape sees either the previous or the next run's results, never a mix.
+    so a scrape reads either the previous or the next run's results, never a mix.
     """
 
     def __init__(self, jobs: Callable[[], Iterable], clock: Callable[[], float] = time.time):

@@ -82,7 +82,7 @@ class PrometheusSource:
     """Range queries against one query API, shared by every detector.
 
     ``max_concurrent_queries`` bounds the requests in flight across all detectors, and
-    ``up`` reports whether the last request reached the API and got a non-5xx answer.
+    ``up`` reports whether the last request reached the API and got a response other than 5xx.
     """
 
     def __init__(self, config: SourceConfig):
@@ -116,7 +116,13 @@ class PrometheusSource:
     def _session(self) -> requests.Session:
         session = requests.Session()
         tls = self.config.tls
-        session.verify = False if tls.insecure_skip_verify else (str(tls.ca_file) if tls.ca_file else True)
+        # requests takes False (no checks), a CA bundle path, or True (the system CAs).
+        if tls.insecure_skip_verify:
+            session.verify = False
+        elif tls.ca_file is not None:
+            session.verify = str(tls.ca_file)
+        else:
+            session.verify = True
         if tls.cert_file is not None:
             session.cert = (str(tls.cert_file), str(tls.key_file))
         return session
@@ -125,7 +131,7 @@ class PrometheusSource:
         self._client._session.close()
 
     def query_range(self, query: str, start: float, end: float, step: float) -> Panel:
-        """Run a range query, chunked, and assemble the answers on one time grid."""
+        """Run a range query, chunked, and assemble the responses on one time grid."""
         timestamps = grid(start, end, step)
         max_points = self.config.max_points_per_query
         rows: dict[tuple, np.ndarray] = {}
@@ -202,7 +208,7 @@ class PrometheusSource:
                     # Reachable but unusable for every detector: report the source as down.
                     self.up = False
                     raise QueryError(
-                        f"query API refused the credentials with HTTP {status}: {message}; "
+                        f"query API rejected the credentials with HTTP {status}: {message}; "
                         "check bearer_token_file, basic_auth or headers"
                     ) from None
                 if status is not None and 400 <= status < 500 and status != 429:

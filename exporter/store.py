@@ -1,6 +1,6 @@
 """Fitted model state on disk: one ``.npz`` file per detector, written atomically, never pickled.
 
-A file holds the detector's numeric arrays plus a JSON document (the detector's metadata,
+A file contains the detector's numeric arrays plus a JSON document (the detector's metadata,
 the configuration fingerprint and the label sets of the fitted series) stored as bytes.
 Files are loaded with ``allow_pickle=False``, so a tampered file cannot run code.
 """

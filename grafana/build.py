@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from grafana.files import write_or_check
 from grafana_foundation_sdk.builders import bargauge, stat, statetimeline, table, timeseries
 from grafana_foundation_sdk.builders import common as common_builder
 from grafana_foundation_sdk.builders import dashboard as dashboard_builder
@@ -785,18 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     files = render_files()
-    if args.check:
-        stale = [name for name, text in files.items()
-                 if not (args.output / name).is_file() or (args.output / name).read_text(encoding="utf-8") != text]
-        for name in stale:
-            print(f"{args.output / name} is missing or out of date; run python -m grafana.build", file=sys.stderr)
-        return 1 if stale else 0
-
-    args.output.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (args.output / name).write_text(text, encoding="utf-8")
-        print(f"wrote {args.output / name}")
-    return 0
+    return write_or_check(files, args.output, args.check, "python -m grafana.build")
 
 
 if __name__ == "__main__":

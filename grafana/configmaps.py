@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from grafana.build import DASHBOARD_DIR
+from grafana.files import write_or_check
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGMAP_DIR = ROOT / "examples" / "grafana" / "configmaps"
@@ -110,18 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     files = render_files(namespace=args.namespace, folder=args.folder or None)
-    if args.check:
-        stale = [name for name, text in files.items()
-                 if not (args.output / name).is_file() or (args.output / name).read_text(encoding="utf-8") != text]
-        for name in stale:
-            print(f"{args.output / name} is missing or out of date; run python -m grafana.configmaps", file=sys.stderr)
-        return 1 if stale else 0
-
-    args.output.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (args.output / name).write_text(text, encoding="utf-8")
-        print(f"wrote {args.output / name}")
-    return 0
+    return write_or_check(files, args.output, args.check, "python -m grafana.configmaps")
 
 
 if __name__ == "__main__":

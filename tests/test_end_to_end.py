@@ -1,9 +1,9 @@
 """End to end on real processes: backfilled Prometheus, the exporter, the rules, Alertmanager.
 
-One scenario, in order: history is backfilled, the exporter fits and scores, an anomaly is
-injected into one live host, the webhook receives its warning and then its critical alert
-and nothing for the clean hosts; then Prometheus goes away and comes back while /metrics
-keeps answering.
+One scenario, in order. History is backfilled, the exporter fits and scores, and an anomaly is
+injected into one live host. The webhook receives its warning and then its critical alert,
+and nothing for the clean hosts. Then Prometheus goes away and comes back while /metrics
+keeps responding.
 """
 
 import re
@@ -151,7 +151,7 @@ def test_alert_tiers_then_outage(stack):
     other_entities = {a["labels"].get("entity") for a in anomaly_alerts(receiver)} - {f"host={TARGET_HOST}"}
     assert other_entities == set()
 
-    # Prometheus goes away: /metrics still answers at once, reports the source down and,
+    # Prometheus goes away: /metrics still responds at once, reports the source down and,
     # once the input is stale, exposes no scores.
     prometheus = stack["prometheus"]
     with prometheus.stopped():

@@ -2,7 +2,7 @@
 # Print the path of a virtualenv with the project's dependencies, creating it when needed.
 #
 # The virtualenv is keyed on a hash of pyproject.toml, so repeated runs and fresh clones
-# with the same dependency list reuse it. This script installs only the dependencies;
+# with the same dependency list reuse it. This script installs only the dependencies.
 # `make test` adds an editable install of the checkout for the console script, and the
 # Makefile puts the checkout first on PYTHONPATH, so whichever clone runs is the one tested.
 # Set VENV_EXTRAS to add optional extras (for example "tensorflow").

@@ -1076,8 +1076,8 @@ class AlertingStack:
     Prometheus runs on ``tsdb`` (backfill it first) and scrapes the simulator at
     ``simulator_target`` under job ``simulator_job`` and the exporter under job
     ``anomaly-exporter`` with ``honor_labels``. ``exporter_config`` is the exporter's
-    configuration without ``source.url`` and ``listen_address``, which are filled in here;
-    the exporter listens on ``exporter_port`` of 127.0.0.1, a free port when it is 0.
+    configuration without ``source.url`` and ``listen_address``, which are filled in here.
+    The exporter listens on ``exporter_port`` of 127.0.0.1, a free port when it is 0.
     Use it as a context manager: leaving the block stops every process.
     """
 
