@@ -9,6 +9,8 @@ import importlib
 # Detector type name -> "module:class".
 _TYPES = {
     "seasonal": "detectors.seasonal:SeasonalDetector",
+    "tenant": "detectors.tenant_model:TenantTypeDetector",
+    "equipment": "detectors.equipment_model:EquipmentTypeDetector",
 }
 
 
@@ -27,6 +29,11 @@ def detector_class(type_name: str):
         ) from None
     module_name, class_name = target.split(":")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def is_multi_query(type_name: str) -> bool:
+    """True for types that read a mapping of queries (``queries``) instead of one ``query``."""
+    return bool(getattr(detector_class(type_name), "multi_query", False))
 
 
 def params_model(type_name: str):

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from exporter import __version__
 from exporter.config import Config, ConfigError, load_config, require_query_api, split_listen_address
-from exporter.job import DetectorJob
+from exporter.job import DetectorJob, make_job
 from exporter.metrics import AnomalyCollector, SelfMetrics
 from exporter.sharding import Shard
 from exporter.source import PrometheusSource
@@ -113,7 +113,7 @@ class Exporter:
     # Jobs -------------------------------------------------------------------------
 
     def _add_job(self, detector) -> None:
-        job = DetectorJob(detector, self.source, self.store, self.metrics, shard=self.shard)
+        job = make_job(detector, self.source, self.store, self.metrics, shard=self.shard)
         job.load_state()
         self.jobs[detector.name] = job
         now = datetime.now(timezone.utc)

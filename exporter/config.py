@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from detectors import detector_type_names, params_model
+from detectors import detector_class, detector_type_names, is_multi_query, params_model
 from exporter.durations import format_duration, parse_duration
 
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -41,6 +41,9 @@ MAX_INTERVAL_SECONDS = 366 * 86400.0
 
 # Labels the exporter adds to every anomaly series; an input or static label may not use them.
 RESERVED_LABELS = ("detector", "entity")
+
+# Labels that multi-query types add to some of their series (feature, peer and fault families).
+MULTI_QUERY_LABELS = ("feature", "type", "node", "tenant", "role", "fault", "bearing")
 
 # The default port is unassigned in the Prometheus default port allocations wiki page.
 DEFAULT_LISTEN_ADDRESS = "0.0.0.0:9847"
@@ -165,7 +168,8 @@ class SourceConfig(_Strict):
 
 class DetectorConfig(_Strict):
     name: str
-    query: str = Field(min_length=1)
+    query: str | None = Field(default=None, min_length=1)
+    queries: dict[str, str] = {}
     entity_labels: list[str] = []
     type: str
     params: dict[str, Any] = {}
@@ -187,6 +191,51 @@ class DetectorConfig(_Strict):
         if not DETECTOR_NAME.match(name):
             raise ValueError(f"invalid detector name {name!r}: use letters, digits, _ , : or -, starting with a letter or _")
         return name
+
+    @field_validator("queries")
+    @classmethod
+    def _query_keys(cls, queries: dict[str, str]) -> dict[str, str]:
+        for key, query in queries.items():
+            if not LABEL_NAME.match(key):
+                raise ValueError(f"invalid query key {key!r}: expected [a-zA-Z_][a-zA-Z0-9_]*")
+            if not isinstance(query, str) or not query.strip():
+                raise ValueError(f"query {key!r} is empty: expected a PromQL expression")
+        return queries
+
+    @model_validator(mode="after")
+    def _query_form(self):
+        if self.type not in detector_type_names():
+            return self  # the type error is reported on its own
+        if is_multi_query(self.type):
+            if self.query is not None or not self.queries:
+                raise ValueError(
+                    f"type {self.type!r} reads several queries: set queries (a mapping of names to PromQL) instead of query"
+                )
+            if not self.entity_labels:
+                raise ValueError(f"type {self.type!r} needs entity_labels, the labels that name a {self.type}")
+            if self.counter:
+                raise ValueError(f"counter is not supported by type {self.type!r}: wrap each counter query in rate()")
+            taken = sorted(set(self.entity_labels + list(self.labels)) & set(MULTI_QUERY_LABELS))
+            if taken:
+                raise ValueError(
+                    f"label {taken[0]!r} is set by type {self.type!r} on some of its series: "
+                    "rename it in the queries (label_replace) and in entity_labels or labels"
+                )
+            if self.type == "tenant" and self.direction != "both":
+                raise ValueError("direction must be 'both' for the tenant type: set a side per metric in params.directions")
+            try:
+                params = self.typed_params()
+            except ValidationError:
+                return self  # parse_config reports params errors with their key paths
+            problems = detector_class(self.type).check_keys(list(self.queries), params)
+            if problems:
+                raise ValueError("; ".join(problems))
+        elif self.query is None and not self.queries:
+            # parse_config reports this one as the missing key detectors[i].query.
+            raise PydanticCustomError("missing_query", "required key is missing")
+        elif self.queries:
+            raise ValueError(f"type {self.type!r} reads one query: set query (a PromQL expression), not queries")
+        return self
 
     @field_validator("entity_labels")
     @classmethod
@@ -282,6 +331,7 @@ class DetectorConfig(_Strict):
         relevant = {
             "type": self.type,
             "query": self.query,
+            "queries": self.queries,
             "params": self.typed_params().model_dump(mode="json"),
             "timezone": self.timezone,
             "direction": self.direction,
@@ -382,6 +432,8 @@ def _describe(error: dict, detectors: list, prefix: tuple = (), root: type[BaseM
     """Turn one pydantic error into a line; ``prefix`` is the path of ``root`` inside the file."""
     root = root or Config
     location = tuple(prefix) + tuple(error["loc"])
+    if error["type"] == "missing_query":
+        location += ("query",)
     path = _key_path(location)
     if location[:1] == ("detectors",) and len(location) > 1 and isinstance(location[1], int):
         index = location[1]
@@ -390,7 +442,7 @@ def _describe(error: dict, detectors: list, prefix: tuple = (), root: type[BaseM
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{path}: {_unknown_key(_clean_location(tuple(error['loc'])), root)}"
-    if error["type"] == "missing":
+    if error["type"] in ("missing", "missing_query"):
         return f"{path}: required key is missing"
     value = error.get("input")
     # Skip the "got" part when the message already quotes the value or the value is a whole block.

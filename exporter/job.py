@@ -9,14 +9,17 @@ is swapped in whole when it is ready.
 import copy
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from detectors import detector_class
 from detectors.base import StateError
+from detectors.multi import EntityResult, MultiInput, QueryPanel, Sample
 from exporter.config import RESERVED_LABELS, DetectorConfig
 from exporter.metrics import SelfMetrics
 from exporter.sharding import Shard
@@ -47,6 +50,8 @@ class Snapshot:
     lower: np.ndarray
     upper: np.ndarray
     ready: np.ndarray
+    extra: tuple[tuple[Sample, ...], ...] = ()
+    """Per series, the samples of further families (multi-query types); empty for single-query ones."""
 
 
 def series_key(labels: dict[str, str]) -> tuple:
@@ -386,6 +391,7 @@ class DetectorJob:
             lower=np.array([entry[3] for entry in entries], dtype=np.float64),
             upper=np.array([entry[4] for entry in entries], dtype=np.float64),
             ready=np.array([entry[5] for entry in entries], dtype=bool),
+            extra=tuple(entry[7] if len(entry) > 7 else () for entry in entries),
         )
         self.snapshot = snapshot
         self._count_states(snapshot)
@@ -423,3 +429,242 @@ class DetectorJob:
         else:
             self._log_repeated(logging.ERROR, f"{phase} failure", "detector=%s %s run failed: %s",
                                self.name, phase, error)
+
+
+class MultiQueryJob(DetectorJob):
+    """Runs a multi-query detector type (tenant, equipment): one panel per key of ``queries``.
+
+    Every input series is reduced to its entity labels plus the few labels the type asks for
+    (``QuerySpec``), so series of different queries about one entity line up. Results are
+    per entity: a score and further samples (bands per feature, contributions, peer groups,
+    noisy neighbours, anomaly types, fault scores).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._specs = {key: self.new_detector().query_spec(key) for key in self.config.queries}
+        self._entity_labels: dict[str, dict[str, str]] = {}
+
+    def entity_id(self, labels: dict[str, str]) -> str:
+        return ",".join(f"{name}={labels.get(name, '')}" for name in self.config.entity_labels)
+
+    # Model state ------------------------------------------------------------------
+
+    def _model_path(self, temporary: bool = False) -> Path | None:
+        if self.store.directory is None:
+            return None
+        return self.store.directory / (f".{self.name}.tmp.keras" if temporary else f"{self.name}.keras")
+
+    def load_state(self) -> bool:
+        loaded = self.store.load(self.name)
+        if loaded is None:
+            return False
+        arrays, meta = loaded
+        if meta.get("fingerprint") != self._fingerprint:
+            log.info("detector=%s saved state was fitted with another configuration; refitting", self.name)
+            return False
+        try:
+            model = self.new_detector()
+            model_path = self._model_path() if model.needs_model_file else None
+            if model_path is not None and not model_path.is_file():
+                raise StateError(f"the model file {model_path} is missing")
+            model.set_state(arrays, meta["detector"], model_path=model_path)
+            entity_labels = {self.entity_id(labels): dict(labels) for labels in meta["entities"]}
+        except (StateError, KeyError, TypeError, AttributeError, ValueError, IndexError, OverflowError, OSError) as error:
+            log.error("detector=%s saved state is incompatible, refitting: %s", self.name, error)
+            return False
+        except Exception as error:  # noqa: BLE001 - a damaged Keras file raises many kinds of errors
+            log.error("detector=%s saved model cannot be loaded, refitting: %s", self.name, error)
+            return False
+        self._entity_labels.update(entity_labels)
+        self._install(model, [])
+        log.info("detector=%s loaded saved model of %d entities fitted until %s", self.name,
+                 int(model.ready_.size), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(model.fitted_until_)))
+        return True
+
+    def _save(self, model, keys: list[tuple]) -> None:
+        if self.store.directory is None:
+            return
+        temporary = self._model_path(temporary=True) if model.needs_model_file else None
+        try:
+            arrays, detector_meta = model.get_state(model_path=temporary)
+            meta = {
+                "fingerprint": self._fingerprint,
+                "detector": detector_meta,
+                "entities": list(self._entity_labels.values()),
+            }
+            self.store.save(self.name, arrays, meta)
+            if temporary is not None:
+                os.replace(temporary, self._model_path())
+        except OSError as error:
+            log.error("detector=%s could not save its model to %s: %s", self.name, self.store.directory, error)
+
+    # Runs ---------------------------------------------------------------------------
+
+    def query(self, start: float, end: float, phase: str) -> MultiInput:
+        from exporter.source import grid
+
+        step = self.config.step
+        timestamps = grid(start, end, step)
+        panels = {}
+        for key, promql in self.config.queries.items():
+            panel = self.source.query_range(promql, start, end, step)
+            if panel.non_finite_points:
+                self.metrics.non_finite.labels(self.name).inc(panel.non_finite_points)
+            if panel.duplicate_series:
+                self.metrics.dropped.labels(self.name, "duplicate").inc(panel.duplicate_series)
+            topic = f"{phase}:{key}"
+            if panel.empty:
+                self.metrics.empty_results.labels(self.name, phase).inc()
+                if topic not in self._empty_phases:
+                    log.warning("detector=%s %s query %r returned no series: check the query and that its metrics exist",
+                                self.name, phase, key)
+                self._empty_phases.add(topic)
+            else:
+                self._empty_phases.discard(topic)
+            panels[key] = self._project(key, panel, timestamps.size)
+        return MultiInput(timestamps=timestamps, panels=panels, entity_labels=dict(self._entity_labels))
+
+    def _project(self, key: str, panel: Panel, width: int) -> QueryPanel:
+        """Reduce each series to its entity id and the labels the type needs; drop what does not fit."""
+        spec = self._specs[key]
+        needed = list(self.config.entity_labels if spec.entity else ()) + list(spec.labels)
+        rows, entities, kept_labels, seen = [], [], [], set()
+        missing = duplicates = 0
+        for index, labels in enumerate(panel.labels):
+            if not all(name in labels for name in needed):
+                missing += 1
+                continue
+            if spec.entity and not self.shard.owns(labels, self.config.entity_labels):
+                continue
+            entity = self.entity_id(labels) if spec.entity else ""
+            projected = {name: labels[name] for name in spec.labels}
+            identity = (entity, tuple(sorted(projected.items())))
+            if identity in seen:
+                duplicates += 1
+                continue
+            seen.add(identity)
+            if spec.entity:
+                self._entity_labels.setdefault(entity, {name: labels[name] for name in self.config.entity_labels})
+            rows.append(index)
+            entities.append(entity)
+            kept_labels.append(projected)
+        if missing:
+            self.metrics.dropped.labels(self.name, "missing_entity_label").inc(missing)
+            self._log_repeated(logging.WARNING, f"missing_label:{key}",
+                               "detector=%s dropped %d series of query %r without all of the labels %s",
+                               self.name, missing, key, needed)
+        if duplicates:
+            self.metrics.dropped.labels(self.name, "duplicate").inc(duplicates)
+            self._log_repeated(logging.WARNING, f"duplicate:{key}",
+                               "detector=%s dropped %d series of query %r that repeat an entity: aggregate the "
+                               "query by %s, for example with sum by (...)", self.name, duplicates, key, needed)
+        if spec.entity and len(set(entities)) > self.config.max_series:
+            allowed = set(sorted(set(entities))[: self.config.max_series])
+            over = len(set(entities)) - len(allowed)
+            keep = [i for i, entity in enumerate(entities) if entity in allowed]
+            rows, entities, kept_labels = [rows[i] for i in keep], [entities[i] for i in keep], [kept_labels[i] for i in keep]
+            self.metrics.dropped.labels(self.name, "max_series").inc(over)
+            self._log_repeated(logging.WARNING, f"max_series:{key}",
+                               "detector=%s query %r returned %d entities more than max_series=%d; dropped them",
+                               self.name, key, over, self.config.max_series)
+        values = panel.values[rows] if rows else np.empty((0, width))
+        return QueryPanel(values, entities, kept_labels)
+
+    def fit(self) -> None:
+        started = time.monotonic()
+        try:
+            end = self._aligned_end()
+            data = self.query(end - self.config.fit_window, end, "fit")
+            with self._swap_lock:
+                previous = self._model
+            model = self.new_detector().fit(data, previous=previous)
+            self._save(model, [])
+            self._install(model, [])
+            self._score_fit_tail_multi(model, data, end)
+        except (QueryError, SourceUnavailable, JobError, ValueError, StateError) as error:
+            self._failed("fit", started, error)
+            return
+        except Exception:  # noqa: BLE001 - one detector's bug must not stop the scheduler
+            self._failed("fit", started, None)
+            return
+        finally:
+            self.metrics.source_up.set(1 if self.source.up else 0)
+        self._succeeded("fit", started)
+        ready = model.ready_
+        log.info("detector=%s fit %d entities (%d ready) on %d points each in %.2fs", self.name, ready.size,
+                 int(np.count_nonzero(ready)), data.timestamps.size, time.monotonic() - started)
+
+    def _score_fit_tail_multi(self, model, data: MultiInput, end: float) -> None:
+        recent = data.timestamps >= end - self.config.stale_seconds
+        if not recent.any():
+            return
+        tail = MultiInput(
+            timestamps=data.timestamps[recent],
+            panels={key: QueryPanel(panel.values[:, recent], panel.entities, panel.labels)
+                    for key, panel in data.panels.items()},
+            entity_labels=data.entity_labels,
+        )
+        with self._score_lock:
+            self._store_results(model.scoring_copy().score(tail))
+            self._last_scored = max(self._last_scored or end, end)
+            self._publish()
+
+    def _score_locked(self) -> None:
+        started = time.monotonic()
+        with self._swap_lock:
+            model = self._model
+        try:
+            end = self._aligned_end()
+            start = self._score_start(model, end)
+            if start > end:
+                self._succeeded("score", started)
+                return
+            data = self.query(start, end, "score")
+            if model is not None:
+                results = model.score(data)
+            else:
+                results = self._warming(data)
+            self._store_results(results)
+        except (QueryError, SourceUnavailable, JobError, ValueError, StateError) as error:
+            self._failed("score", started, error)
+            self._publish()
+            return
+        except Exception:  # noqa: BLE001 - one detector's bug must not stop the scheduler
+            self._failed("score", started, None)
+            self._publish()
+            return
+        finally:
+            self.metrics.source_up.set(1 if self.source.up else 0)
+        self._last_scored = end
+        self._succeeded("score", started)
+        snapshot = self._publish()
+        states = self._count_states(snapshot)
+        log.info("detector=%s scored %d entities: %s", self.name, len(results), states)
+
+    def _warming(self, data: MultiInput) -> list[EntityResult]:
+        """Results before the first fit: every entity with data is warming."""
+        latest: dict[str, float] = {}
+        for key, panel in data.panels.items():
+            if not self._specs[key].entity:
+                continue
+            for row, entity in enumerate(panel.entities):
+                present = np.flatnonzero(~np.isnan(panel.values[row]))
+                if present.size:
+                    latest[entity] = max(latest.get(entity, -np.inf), float(data.timestamps[present[-1]]))
+        return [EntityResult(entity, when, False, np.nan) for entity, when in latest.items()]
+
+    def _store_results(self, results: list[EntityResult]) -> None:
+        for result in results:
+            labels = self._entity_labels.get(result.entity)
+            if labels is None:
+                continue
+            self._latest[(result.entity,)] = (
+                result.sample_time, result.score, np.nan, np.nan, np.nan, result.ready, labels, result.samples,
+            )
+
+
+def make_job(config: DetectorConfig, *args, **kwargs) -> DetectorJob:
+    """Return the job class that fits the detector's type, constructed with the given arguments."""
+    job_class = MultiQueryJob if config.queries else DetectorJob
+    return job_class(config, *args, **kwargs)

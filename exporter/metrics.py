@@ -28,6 +28,18 @@ ANOMALY_FAMILIES = (
     ("anomaly_upper", "Upper edge of the band (score 1) for the latest scored point, in the input's unit."),
 )
 
+# Families that multi-query types (tenant, equipment) add; each sample names its own labels.
+EXTRA_FAMILIES = {
+    "anomaly_contribution_ratio": "Share (0 to 1) of an entity's score that each input metric or sensor (feature label) contributes.",
+    "anomaly_multivariate_score": "Score of the entity's vector of metric deviations against the shared IsolationForest; same scale as anomaly_score.",
+    "anomaly_peer_group": "Peer group id of the tenant; ids stay the same across refits for matching groups.",
+    "anomaly_peer_score": "Deviation of the tenant's current change from its peer group's; same scale as anomaly_score.",
+    "anomaly_peer_outlier": "1 when the IsolationForest over all tenants' group-relative vectors flags the tenant, else 0.",
+    "anomaly_noisy_neighbor": "1 for a tenant whose load coincides with others' degradation on a stressed node (role noisy) and for those tenants (role affected).",
+    "anomaly_type": "1 for the current type of the entity's anomaly (type label); present only while anomaly_score is at least 1.",
+    "anomaly_equipment_fault": "Score of a vibration fault signature (fault label) against the machine's healthy baseline; same scale as anomaly_score.",
+}
+
 
 class SelfMetrics:
     """The exporter's own metrics, registered in ``registry``."""
@@ -145,6 +157,7 @@ class AnomalyCollector(Collector):
         ready = GaugeMetricFamily(
             "anomaly_model_ready", "1 once the series' model has enough history to score, else 0."
         )
+        extra: dict[str, GaugeMetricFamily] = {}
         now = self._clock()
         for job in self._jobs():
             snapshot = job.snapshot
@@ -158,11 +171,18 @@ class AnomalyCollector(Collector):
                 if not is_ready or np.isnan(snapshot.score[index]):
                     continue
                 _add(families["anomaly_score"], labels, snapshot.score[index])
-                _add(families["anomaly_expected"], labels, snapshot.expected[index])
-                _add(families["anomaly_lower"], labels, snapshot.lower[index])
-                _add(families["anomaly_upper"], labels, snapshot.upper[index])
+                for name, values in (("anomaly_expected", snapshot.expected), ("anomaly_lower", snapshot.lower),
+                                     ("anomaly_upper", snapshot.upper)):
+                    if not np.isnan(values[index]):
+                        _add(families[name], labels, values[index])
+                if snapshot.extra:
+                    for sample in snapshot.extra[index]:
+                        family = families.get(sample.family) or extra.setdefault(
+                            sample.family, GaugeMetricFamily(sample.family, EXTRA_FAMILIES[sample.family]))
+                        _add(family, {**labels, **dict(sample.labels)}, sample.value)
         yield from families.values()
         yield ready
+        yield from extra.values()
 
 
 def _add(family: GaugeMetricFamily, labels: dict[str, str], value: float) -> None:

@@ -67,6 +67,32 @@ class RuleParameters:
     critical_for: str = "2m"
     escalation_window: str = "30m"
 
+    # AnomalyPeerOutlier: anomaly_peer_score, a tenant's deviation from its peer group on the
+    # scale of anomaly_score. A tenant often moves apart from its peers for some minutes (a
+    # deployment, a batch job), and AnomalyDetected already reports a deviation from the
+    # tenant's own baseline after warning_for, so this warning waits longer.
+    peer_warning_score: Number = 1
+    peer_warning_for: str = "15m"
+    peer_critical_score: Number = 2
+    peer_critical_for: str = "5m"
+    # NoisyNeighbor: the exporter exposes anomaly_noisy_neighbor{role="noisy"} while it finds
+    # a tenant whose load degrades others on the same node. The warning waits a few minutes so
+    # that a short burst does not notify. The critical tier fires when the finding lasts
+    # noisy_neighbor_critical_for, because by then the affected tenants have been degraded
+    # for that long and autoscaling or rescheduling has not ended it, so someone has to limit
+    # or move the tenant. It must be longer than noisy_neighbor_for.
+    noisy_neighbor_for: str = "5m"
+    noisy_neighbor_critical_for: str = "30m"
+    # EquipmentFault: anomaly_equipment_fault, the score of one vibration fault signature on
+    # the scale of anomaly_score. Spectra jump while a machine starts or changes speed, which
+    # takes minutes, but a mechanical fault lasts hours to weeks, so the warning waits 10m.
+    # A fault held at the warning level does not escalate, because a slowly growing bearing
+    # fault needs planned maintenance, not a page.
+    equipment_fault_warning_score: Number = 1
+    equipment_fault_warning_for: str = "10m"
+    equipment_fault_critical_score: Number = 2
+    equipment_fault_critical_for: str = "5m"
+
     # Self-monitoring alerts default to warning. Each means that anomaly detection is blind
     # or degraded, which needs a fix within working hours. None of them means that a
     # monitored service is failing, and the threshold alerts of those services keep working.
@@ -104,6 +130,12 @@ _DURATION_FIELDS = (
     "warning_for",
     "critical_for",
     "escalation_window",
+    "peer_warning_for",
+    "peer_critical_for",
+    "noisy_neighbor_for",
+    "noisy_neighbor_critical_for",
+    "equipment_fault_warning_for",
+    "equipment_fault_critical_for",
     "exporter_down_for",
     "detector_failing_window",
     "detector_failing_for",
@@ -112,7 +144,21 @@ _DURATION_FIELDS = (
 )
 # Durations used as a range selector or an evaluation interval, where zero is invalid.
 _NONZERO_DURATION_FIELDS = ("evaluation_interval", "escalation_window", "detector_failing_window")
-_NUMBER_FIELDS = ("warning_score", "critical_score", "models_stale_after_seconds")
+_NUMBER_FIELDS = (
+    "warning_score",
+    "critical_score",
+    "peer_warning_score",
+    "peer_critical_score",
+    "equipment_fault_warning_score",
+    "equipment_fault_critical_score",
+    "models_stale_after_seconds",
+)
+# (warning, critical) score pairs of one alert, where critical must be the higher score.
+_SCORE_TIERS = (
+    ("warning_score", "critical_score"),
+    ("peer_warning_score", "peer_critical_score"),
+    ("equipment_fault_warning_score", "equipment_fault_critical_score"),
+)
 _TEXT_FIELDS = (
     "exporter_job",
     "runbook_base_url",
@@ -161,11 +207,21 @@ def _validate_parameters(params: RuleParameters) -> None:
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"invalid {name} {value!r}: expected a finite number above zero")
 
-    if not _is_template(params.warning_score) and not _is_template(params.critical_score):
-        if params.critical_score <= params.warning_score:
+    for warning_name, critical_name in _SCORE_TIERS:
+        warning = getattr(params, warning_name)
+        critical = getattr(params, critical_name)
+        if not _is_template(warning) and not _is_template(critical) and critical <= warning:
             raise ValueError(
-                f"invalid critical_score {params.critical_score!r}: must be above "
-                f"warning_score {params.warning_score!r}"
+                f"invalid {critical_name} {critical!r}: must be above {warning_name} {warning!r}"
+            )
+
+    noisy_for = params.noisy_neighbor_for
+    noisy_critical_for = params.noisy_neighbor_critical_for
+    if not _is_template(noisy_for) and not _is_template(noisy_critical_for):
+        if _duration_seconds(noisy_critical_for) <= _duration_seconds(noisy_for):
+            raise ValueError(
+                f"invalid noisy_neighbor_critical_for {noisy_critical_for!r}: must be longer than "
+                f"noisy_neighbor_for {noisy_for!r}"
             )
 
     for name in _TEXT_FIELDS:
@@ -245,6 +301,65 @@ def _recording_rules() -> list[dict[str, Any]]:
     ]
 
 
+def _entity_query(metric: str, expression: str = "{}") -> str:
+    """Return a template pipeline that queries `metric` for the alert's detector and entity.
+
+    The selector of `metric` replaces "{}" in `expression`, such as "topk(1, {})". printf's
+    %q writes a Go string literal, which PromQL parses as the same string.
+    """
+    promql = expression.replace("{}", f"{metric}{{detector=%q, entity=%q}}")
+    return f'printf "{promql}" $labels.detector $labels.entity | query'
+
+
+def _anomaly_context(params: RuleParameters) -> str:
+    """Build the description sentences that explain a tenant or equipment score.
+
+    Each sentence comes from a template query and is left out when its series is absent,
+    so a seasonal detector's description reads as before. The type is read at every
+    evaluation and never becomes a label, so a changing type keeps one alert.
+    """
+    anomaly_type = (
+        _action(params, f"with {_entity_query('anomaly_type')}")
+        + " The detector classifies the anomaly as "
+        + _action(params, 'range $index, $sample := . | sortByLabel "type"')
+        + _action(params, "if $index")
+        + " and "
+        + _action(params, "end")
+        + _action(params, "$sample.Labels.type")
+        + _action(params, "end")
+        + "."
+        + _action(params, "end")
+    )
+    # topk(1, ...) picks one feature when several have the same share.
+    top_feature = (
+        _action(params, f"range {_entity_query('anomaly_contribution_ratio', 'topk(1, {})')}")
+        + " Feature "
+        + _action(params, ".Labels.feature")
+        + " contributes the largest share of the score, "
+        + _action(params, ".Value | humanizePercentage")
+        + "."
+        + _action(params, "end")
+    )
+    # The highest fault score is shown whatever its value. A threshold parameter inside
+    # this action would reach the chart as literal template text, because Helm does not
+    # expand templates inside a backquoted string. EquipmentFault reports every fault at
+    # or above its threshold.
+    top_fault = (
+        _action(params, f"range {_entity_query('anomaly_equipment_fault', 'topk(1, {})')}")
+        + " Fault "
+        + _action(params, ".Labels.fault")
+        + _action(params, "with .Labels.bearing")
+        + " of bearing "
+        + _action(params, ".")
+        + _action(params, "end")
+        + " has the highest fault score, "
+        + _action(params, 'printf "%.2f" .Value')
+        + "."
+        + _action(params, "end")
+    )
+    return anomaly_type + top_feature + top_fault
+
+
 def _anomaly_alerts(params: RuleParameters) -> list[dict[str, Any]]:
     detector = _action(params, "$labels.detector")
     entity = _action(params, "$labels.entity")
@@ -266,6 +381,7 @@ def _anomaly_alerts(params: RuleParameters) -> list[dict[str, Any]]:
                 f"Detector {detector} has scored entity {entity} at or above {warning_score} "
                 f"for at least {params.warning_for}, so its metrics are outside the expected band. "
                 f"The current score is {score}, on a scale where 1 is the edge of the band."
+                f"{_anomaly_context(params)}"
             ),
             dashboard_url=_entity_dashboard_url(params),
         ),
@@ -300,11 +416,175 @@ def _anomaly_alerts(params: RuleParameters) -> list[dict[str, Any]]:
                 f"Detector {detector} scores entity {entity} at {score}. The score has been "
                 f"at or above {critical_score} for {params.critical_for}, or at or above "
                 f"{warning_score} for {window} plus {params.critical_for}."
+                f"{_anomaly_context(params)}"
             ),
             dashboard_url=_entity_dashboard_url(params),
         ),
     }
     return [warning, critical]
+
+
+def _peer_outlier_alerts(params: RuleParameters) -> list[dict[str, Any]]:
+    detector = _action(params, "$labels.detector")
+    entity = _action(params, "$labels.entity")
+    score = _action(params, 'printf "%.2f" $value')
+    warning_score = _format_number(params.peer_warning_score)
+    critical_score = _format_number(params.peer_critical_score)
+    # The group id and the IsolationForest flag are separate series of the same tenant.
+    peer_group = (
+        _action(params, f"with {_entity_query('anomaly_peer_group')}")
+        + " "
+        + _action(params, '. | first | value | printf "%.0f"')
+        + _action(params, "end")
+    )
+    forest_flag = (
+        _action(params, f"if {_entity_query('anomaly_peer_outlier', '{} == 1')}")
+        + " The cross-tenant IsolationForest also flags the tenant as an outlier."
+        + _action(params, "end")
+    )
+
+    def peer_alert(severity: str, threshold: str, duration: str, summary: str) -> dict[str, Any]:
+        return {
+            "alert": "AnomalyPeerOutlier",
+            "expr": f"anomaly_peer_score >= {threshold}",
+            "for": duration,
+            "labels": {"severity": severity},
+            "annotations": _annotations(
+                params,
+                "AnomalyPeerOutlier",
+                summary=summary,
+                description=(
+                    f"Detector {detector} has scored tenant {entity} at or above {threshold} "
+                    f"against its peer group{peer_group} for at least {duration}, so its metrics "
+                    f"have moved away from their usual level in a way that the other tenants of "
+                    f"its group have not. The current peer score is {score}, on a scale where 1 "
+                    f"is the edge of the group's band.{forest_flag}"
+                ),
+                dashboard_url=_entity_dashboard_url(params),
+            ),
+        }
+
+    return [
+        peer_alert(
+            "warning",
+            warning_score,
+            params.peer_warning_for,
+            "A tenant deviates from its peer group.",
+        ),
+        peer_alert(
+            "critical",
+            critical_score,
+            params.peer_critical_for,
+            "A tenant deviates strongly from its peer group.",
+        ),
+    ]
+
+
+def _noisy_neighbor_alerts(params: RuleParameters) -> list[dict[str, Any]]:
+    detector = _action(params, "$labels.detector")
+    entity = _action(params, "$labels.entity")
+    node = _action(params, "$labels.node")
+    affected_query = (
+        'printf "anomaly_noisy_neighbor{detector=%q, node=%q, role=%q}" '
+        '$labels.detector $labels.node "affected" | query'
+    )
+    affected = (
+        _action(params, f"with {affected_query}")
+        + _action(params, 'range $index, $sample := . | sortByLabel "entity"')
+        + _action(params, "if $index")
+        + ", "
+        + _action(params, "end")
+        + _action(params, "$sample.Labels.entity")
+        + _action(params, "end")
+        + _action(params, "else")
+        + "none reported at the moment"
+        + _action(params, "end")
+    )
+
+    def noisy_alert(severity: str, duration: str, summary: str) -> dict[str, Any]:
+        return {
+            "alert": "NoisyNeighbor",
+            "expr": 'anomaly_noisy_neighbor{role="noisy"} == 1',
+            "for": duration,
+            "labels": {"severity": severity},
+            "annotations": _annotations(
+                params,
+                "NoisyNeighbor",
+                summary=summary,
+                description=(
+                    f"Detector {detector} has found for at least {duration} that the load of "
+                    f"tenant {entity} on node {node} degrades other tenants on that node. "
+                    f"Affected tenants on {node}: {affected}."
+                ),
+                dashboard_url=_entity_dashboard_url(params),
+            ),
+        }
+
+    return [
+        noisy_alert(
+            "warning",
+            params.noisy_neighbor_for,
+            "A tenant's load degrades other tenants on the same node.",
+        ),
+        noisy_alert(
+            "critical",
+            params.noisy_neighbor_critical_for,
+            "A tenant's load has degraded other tenants on the same node for a long time.",
+        ),
+    ]
+
+
+def _equipment_fault_alerts(params: RuleParameters) -> list[dict[str, Any]]:
+    detector = _action(params, "$labels.detector")
+    entity = _action(params, "$labels.entity")
+    fault = _action(params, "$labels.fault")
+    bearing = (
+        _action(params, "with $labels.bearing")
+        + " of bearing "
+        + _action(params, ".")
+        + _action(params, "end")
+    )
+    score = _action(params, 'printf "%.2f" $value')
+    warning_score = _format_number(params.equipment_fault_warning_score)
+    critical_score = _format_number(params.equipment_fault_critical_score)
+
+    # The fault and bearing labels of the series stay on the alert, so each fault of a
+    # machine is a separate alert.
+    def fault_alert(severity: str, threshold: str, duration: str, summary: str) -> dict[str, Any]:
+        return {
+            "alert": "EquipmentFault",
+            "expr": f"anomaly_equipment_fault >= {threshold}",
+            "for": duration,
+            "labels": {"severity": severity},
+            "annotations": _annotations(
+                params,
+                "EquipmentFault",
+                summary=summary,
+                description=(
+                    f"Detector {detector} has scored fault {fault}{bearing} on equipment {entity} "
+                    f"at or above {threshold} for at least {duration}, so the vibration amplitude "
+                    f"at the fault's frequency is above its healthy baseline. The current fault "
+                    f"score is {score}, on a scale where 1 is 2 standard deviations of the "
+                    f"baseline's log amplitude and 2 is 3."
+                ),
+                dashboard_url=_entity_dashboard_url(params),
+            ),
+        }
+
+    return [
+        fault_alert(
+            "warning",
+            warning_score,
+            params.equipment_fault_warning_for,
+            "A machine shows the vibration signature of a mechanical fault.",
+        ),
+        fault_alert(
+            "critical",
+            critical_score,
+            params.equipment_fault_critical_for,
+            "A machine shows a strong vibration signature of a mechanical fault.",
+        ),
+    ]
 
 
 def _exporter_down_alert(params: RuleParameters) -> dict[str, Any]:
@@ -444,6 +724,16 @@ def render_rule_groups(params: RuleParameters | None = None) -> dict[str, Any]:
                 "name": "anomaly-exporter.anomalies",
                 "interval": params.evaluation_interval,
                 "rules": _anomaly_alerts(params),
+            },
+            {
+                "name": "anomaly-exporter.tenants",
+                "interval": params.evaluation_interval,
+                "rules": _peer_outlier_alerts(params) + _noisy_neighbor_alerts(params),
+            },
+            {
+                "name": "anomaly-exporter.equipment",
+                "interval": params.evaluation_interval,
+                "rules": _equipment_fault_alerts(params),
             },
             {
                 "name": "anomaly-exporter.self-monitoring",

@@ -6,7 +6,9 @@ fails the test with the package to install, and no test here is skipped for it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from helm.generate import CHART_DIR, SCHEMA_PATH, chart_rule_parameters
 from rules.render import (
     ENTITY_DASHBOARD_PATH,
     HEALTH_DASHBOARD_PATH,
@@ -35,7 +38,11 @@ RULE_TEST_FILES = sorted((REPO_ROOT / "rules" / "tests").glob("*.yml"))
 ALERTMANAGER_CONFIG = REPO_ROOT / "examples" / "alertmanager" / "alertmanager.yml"
 RUNBOOK_DIR = REPO_ROOT / "docs" / "runbooks"
 
-ANOMALY_ALERTS = {"AnomalyDetected"}
+# Alerts about one entity of a detector: they carry the detector and entity labels and
+# link the entity dashboard.
+ANOMALY_ALERTS = {"AnomalyDetected", "AnomalyPeerOutlier", "NoisyNeighbor", "EquipmentFault"}
+# Anomaly alerts whose value is a score. NoisyNeighbor's value is always 1.
+SCORE_ALERTS = {"AnomalyDetected", "AnomalyPeerOutlier", "EquipmentFault"}
 SELF_MONITORING_ALERTS = {
     "AnomalyExporterDown",
     "AnomalyDetectorFailing",
@@ -80,6 +87,10 @@ def all_alerts(rule_file: dict[str, Any]) -> list[dict[str, Any]]:
 
 def committed_rules() -> dict[str, Any]:
     return yaml.safe_load(RULES_PATH.read_text(encoding="utf-8"))
+
+
+def alerts_named(rule_file: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    return [alert for alert in all_alerts(rule_file) if alert["alert"] == name]
 
 
 # Generated file
@@ -145,6 +156,12 @@ def test_short_durations_pass_promtool(tmp_path):
         models_stale_after_seconds=120,
         models_stale_for="10s",
         source_down_for="15s",
+        peer_warning_for="20s",
+        peer_critical_for="10s",
+        noisy_neighbor_for="15s",
+        noisy_neighbor_critical_for="1m",
+        equipment_fault_warning_for="20s",
+        equipment_fault_critical_for="10s",
     )
     rule_file = tmp_path / "short.rules.yml"
     rule_file.write_text(render_rules_yaml(params), encoding="utf-8")
@@ -158,6 +175,19 @@ def test_short_durations_pass_promtool(tmp_path):
     assert critical[0]["for"] == "10s"
     assert "min_over_time(anomaly_score[1m])" in critical[0]["expr"]
     assert "anomaly_score offset 1m" in critical[0]["expr"]
+    durations = {
+        (alert["alert"], alert["labels"]["severity"]): alert["for"]
+        for alert in all_alerts(rendered)
+        if alert["alert"] in ANOMALY_ALERTS - {"AnomalyDetected"}
+    }
+    assert durations == {
+        ("AnomalyPeerOutlier", "warning"): "20s",
+        ("AnomalyPeerOutlier", "critical"): "10s",
+        ("NoisyNeighbor", "warning"): "15s",
+        ("NoisyNeighbor", "critical"): "1m",
+        ("EquipmentFault", "warning"): "20s",
+        ("EquipmentFault", "critical"): "10s",
+    }
 
 
 # Rendering with Helm templates and invalid values
@@ -173,14 +203,29 @@ def test_render_keeps_helm_templates_verbatim():
         template_close="}}`}}",
     )
 
-    alerts = all_alerts(render_rule_groups(params))
-    warning = alerts[0]
+    rendered = render_rule_groups(params)
+    warning = alerts_named(rendered, "AnomalyDetected")[0]
+    exporter_down = alerts_named(rendered, "AnomalyExporterDown")[0]
 
     assert warning["for"] == "{{ .Values.rules.warningFor }}"
     assert warning["expr"] == "anomaly_score >= {{ .Values.rules.warningScore }}"
     assert warning["annotations"]["runbook_url"] == "{{ .Values.rules.runbookBaseUrl }}/anomaly-detected.md"
     assert "{{`{{ $labels.entity }}`}}" in warning["annotations"]["description"]
-    assert 'up{job="{{ .Values.rules.exporterJob }}"}' in alerts[2]["expr"]
+    assert 'up{job="{{ .Values.rules.exporterJob }}"}' in exporter_down["expr"]
+
+
+def test_helm_delimiters_wrap_every_action():
+    # Helm outputs a backquoted string unchanged, so every Prometheus action must sit whole
+    # inside the delimiters and contain no backquote of its own.
+    params = RuleParameters(template_open="{{`{{", template_close="}}`}}")
+    wrapped_action = re.compile(r"\{\{`(\{\{.*?\}\})`\}\}")
+    for alert in all_alerts(render_rule_groups(params)):
+        for key, text in alert["annotations"].items():
+            for body in wrapped_action.findall(text):
+                assert "`" not in body, f"{alert['alert']} {key} has a backquote in {body!r}"
+            outside = wrapped_action.sub("", text)
+            assert "{{" not in outside, f"{alert['alert']} {key} has an unwrapped action in {outside!r}"
+            assert "}}" not in outside, f"{alert['alert']} {key} has an unwrapped action in {outside!r}"
 
 
 @pytest.mark.parametrize(
@@ -196,6 +241,22 @@ def test_render_keeps_helm_templates_verbatim():
         ("models_stale_after_seconds", float("nan"), "invalid models_stale_after_seconds nan"),
         ("exporter_job", 'anomaly"exporter', "invalid exporter_job"),
         ("exporter_down_severity", "", "invalid exporter_down_severity ''"),
+        ("peer_warning_for", "15", "invalid peer_warning_for '15'"),
+        ("peer_warning_score", -1, "invalid peer_warning_score -1"),
+        ("peer_critical_score", 1, "invalid peer_critical_score 1: must be above peer_warning_score 1"),
+        ("noisy_neighbor_for", "5min", "invalid noisy_neighbor_for '5min'"),
+        (
+            "noisy_neighbor_critical_for",
+            "5m",
+            "invalid noisy_neighbor_critical_for '5m': must be longer than noisy_neighbor_for '5m'",
+        ),
+        ("equipment_fault_warning_score", "1", "invalid equipment_fault_warning_score '1'"),
+        (
+            "equipment_fault_critical_score",
+            0.5,
+            "invalid equipment_fault_critical_score 0.5: must be above equipment_fault_warning_score 1",
+        ),
+        ("equipment_fault_critical_for", "10 m", "invalid equipment_fault_critical_for '10 m'"),
     ],
 )
 def test_render_rejects_invalid_parameters(field, value, message):
@@ -209,12 +270,46 @@ def test_render_rejects_invalid_parameters(field, value, message):
 
 
 def test_alert_names_and_tiers():
-    alerts = all_alerts(committed_rules())
-    names = {alert["alert"] for alert in alerts}
-    detected_severities = [alert["labels"]["severity"] for alert in alerts if alert["alert"] == "AnomalyDetected"]
+    rule_file = committed_rules()
+    names = {alert["alert"] for alert in all_alerts(rule_file)}
 
     assert names == ANOMALY_ALERTS | SELF_MONITORING_ALERTS
-    assert detected_severities == ["warning", "critical"]
+    for name in ANOMALY_ALERTS:
+        severities = [alert["labels"]["severity"] for alert in alerts_named(rule_file, name)]
+        assert severities == ["warning", "critical"], f"{name} has the tiers {severities}"
+
+
+def test_tiers_share_labels():
+    # The inhibit rule matches warning and critical on alertname, detector and entity, so
+    # the two tiers of an alert differ only in severity and select the same series.
+    rule_file = committed_rules()
+    for name in ANOMALY_ALERTS - {"AnomalyDetected"}:
+        warning, critical = alerts_named(rule_file, name)
+        metric = warning["expr"].split(" ")[0]
+        assert critical["expr"].split(" ")[0] == metric, f"{name} tiers select different series"
+        assert warning["labels"] == {"severity": "warning"}, f"{name} warning has other labels"
+        assert critical["labels"] == {"severity": "critical"}, f"{name} critical has other labels"
+
+
+def test_anomaly_type_never_in_alert_labels():
+    # A changing type must not change an alert's identity, so the type is read in
+    # annotations only.
+    for alert in all_alerts(committed_rules()):
+        name = alert["alert"]
+        assert "type" not in alert["labels"], f"{name} sets a type label"
+        assert "anomaly_type" not in alert["expr"], f"{name} selects anomaly_type in its expression"
+
+
+def test_anomaly_detected_expressions_unchanged():
+    warning, critical = alerts_named(committed_rules(), "AnomalyDetected")
+
+    assert warning["expr"] == "anomaly_score >= 1"
+    assert critical["expr"].startswith("anomaly_score >= 2\nor\n")
+    for alert in (warning, critical):
+        description = alert["annotations"]["description"]
+        assert 'printf "anomaly_type{detector=%q, entity=%q}"' in description
+        assert "anomaly_contribution_ratio" in description
+        assert "anomaly_equipment_fault" in description
 
 
 def test_alerts_have_labels_and_annotations():
@@ -236,7 +331,8 @@ def test_descriptions_name_entity_or_target():
         if name in ANOMALY_ALERTS:
             assert "{{ $labels.detector }}" in description, f"{name} description does not name the detector"
             assert "{{ $labels.entity }}" in description, f"{name} description does not name the entity"
-            assert "$value" in description, f"{name} description does not show the score"
+            if name in SCORE_ALERTS:
+                assert "$value" in description, f"{name} description does not show the score"
         else:
             assert "$labels.instance" in description or "$labels.job" in description, (
                 f"{name} description names no exporter instance or job"
@@ -265,6 +361,23 @@ def test_dashboard_urls():
             assert dashboard_url == entity_url
         else:
             assert dashboard_url == f"{grafana}{HEALTH_DASHBOARD_PATH}"
+
+
+def test_chart_maps_every_parameter():
+    # Every parameter except the delimiters is a chart value, listed in values.yaml and
+    # required by values.schema.json.
+    chart_params = chart_rule_parameters()
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text(encoding="utf-8"))
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    required = set(schema["properties"]["rules"]["required"])
+    for field in dataclasses.fields(RuleParameters):
+        if field.name in ("template_open", "template_close"):
+            continue
+        value = getattr(chart_params, field.name)
+        assert isinstance(value, str) and "{{" in value, f"{field.name} is not mapped to a chart value"
+        for key in re.findall(r"\.Values\.rules\.(\w+)", value):
+            assert key in values["rules"], f"values.yaml has no rules.{key} for {field.name}"
+            assert key in required, f"values.schema.json does not require rules.{key}"
 
 
 def test_kebab_case():
@@ -309,7 +422,7 @@ def test_alertmanager_groups_and_inhibit_rule():
         {
             "source_matchers": ['severity="critical"'],
             "target_matchers": ['severity="warning"'],
-            "equal": ["alertname", "detector", "entity"],
+            "equal": ["alertname", "detector", "entity", "fault", "bearing", "node"],
         }
     ]
 

@@ -20,7 +20,7 @@ groups:
           severity: warning
         annotations:
           summary: An entity deviates from its expected baseline.
-          description: Detector {{`{{ $labels.detector }}`}} has scored entity {{`{{ $labels.entity }}`}} at or above {{ .Values.rules.warningScore }} for at least {{ .Values.rules.warningFor }}, so its metrics are outside the expected band. The current score is {{`{{ printf "%.2f" $value }}`}}, on a scale where 1 is the edge of the band.
+          description: Detector {{`{{ $labels.detector }}`}} has scored entity {{`{{ $labels.entity }}`}} at or above {{ .Values.rules.warningScore }} for at least {{ .Values.rules.warningFor }}, so its metrics are outside the expected band. The current score is {{`{{ printf "%.2f" $value }}`}}, on a scale where 1 is the edge of the band.{{`{{ with printf "anomaly_type{detector=%q, entity=%q}" $labels.detector $labels.entity | query }}`}} The detector classifies the anomaly as {{`{{ range $index, $sample := . | sortByLabel "type" }}`}}{{`{{ if $index }}`}} and {{`{{ end }}`}}{{`{{ $sample.Labels.type }}`}}{{`{{ end }}`}}.{{`{{ end }}`}}{{`{{ range printf "topk(1, anomaly_contribution_ratio{detector=%q, entity=%q})" $labels.detector $labels.entity | query }}`}} Feature {{`{{ .Labels.feature }}`}} contributes the largest share of the score, {{`{{ .Value | humanizePercentage }}`}}.{{`{{ end }}`}}{{`{{ range printf "topk(1, anomaly_equipment_fault{detector=%q, entity=%q})" $labels.detector $labels.entity | query }}`}} Fault {{`{{ .Labels.fault }}`}}{{`{{ with .Labels.bearing }}`}} of bearing {{`{{ . }}`}}{{`{{ end }}`}} has the highest fault score, {{`{{ printf "%.2f" .Value }}`}}.{{`{{ end }}`}}
           runbook_url: '{{ .Values.rules.runbookBaseUrl | trimSuffix `/` }}/anomaly-detected.md'
           dashboard_url: '{{ .Values.rules.grafanaBaseUrl | trimSuffix `/` }}/d/anomaly-entity/anomaly-entity?var-detector={{`{{ $labels.detector | urlquery }}`}}&var-entity={{`{{ $labels.entity | urlquery }}`}}'
       - alert: AnomalyDetected
@@ -37,8 +37,74 @@ groups:
           severity: critical
         annotations:
           summary: An entity deviates strongly or for a long time from its expected baseline.
-          description: Detector {{`{{ $labels.detector }}`}} scores entity {{`{{ $labels.entity }}`}} at {{`{{ printf "%.2f" $value }}`}}. The score has been at or above {{ .Values.rules.criticalScore }} for {{ .Values.rules.criticalFor }}, or at or above {{ .Values.rules.warningScore }} for {{ .Values.rules.escalationWindow }} plus {{ .Values.rules.criticalFor }}.
+          description: Detector {{`{{ $labels.detector }}`}} scores entity {{`{{ $labels.entity }}`}} at {{`{{ printf "%.2f" $value }}`}}. The score has been at or above {{ .Values.rules.criticalScore }} for {{ .Values.rules.criticalFor }}, or at or above {{ .Values.rules.warningScore }} for {{ .Values.rules.escalationWindow }} plus {{ .Values.rules.criticalFor }}.{{`{{ with printf "anomaly_type{detector=%q, entity=%q}" $labels.detector $labels.entity | query }}`}} The detector classifies the anomaly as {{`{{ range $index, $sample := . | sortByLabel "type" }}`}}{{`{{ if $index }}`}} and {{`{{ end }}`}}{{`{{ $sample.Labels.type }}`}}{{`{{ end }}`}}.{{`{{ end }}`}}{{`{{ range printf "topk(1, anomaly_contribution_ratio{detector=%q, entity=%q})" $labels.detector $labels.entity | query }}`}} Feature {{`{{ .Labels.feature }}`}} contributes the largest share of the score, {{`{{ .Value | humanizePercentage }}`}}.{{`{{ end }}`}}{{`{{ range printf "topk(1, anomaly_equipment_fault{detector=%q, entity=%q})" $labels.detector $labels.entity | query }}`}} Fault {{`{{ .Labels.fault }}`}}{{`{{ with .Labels.bearing }}`}} of bearing {{`{{ . }}`}}{{`{{ end }}`}} has the highest fault score, {{`{{ printf "%.2f" .Value }}`}}.{{`{{ end }}`}}
           runbook_url: '{{ .Values.rules.runbookBaseUrl | trimSuffix `/` }}/anomaly-detected.md'
+          dashboard_url: '{{ .Values.rules.grafanaBaseUrl | trimSuffix `/` }}/d/anomaly-entity/anomaly-entity?var-detector={{`{{ $labels.detector | urlquery }}`}}&var-entity={{`{{ $labels.entity | urlquery }}`}}'
+  - name: anomaly-exporter.tenants
+    interval: '{{ .Values.rules.evaluationInterval }}'
+    rules:
+      - alert: AnomalyPeerOutlier
+        expr: anomaly_peer_score >= {{ .Values.rules.peerWarningScore }}
+        for: '{{ .Values.rules.peerWarningFor }}'
+        labels:
+          severity: warning
+        annotations:
+          summary: A tenant deviates from its peer group.
+          description: Detector {{`{{ $labels.detector }}`}} has scored tenant {{`{{ $labels.entity }}`}} at or above {{ .Values.rules.peerWarningScore }} against its peer group{{`{{ with printf "anomaly_peer_group{detector=%q, entity=%q}" $labels.detector $labels.entity | query }}`}} {{`{{ . | first | value | printf "%.0f" }}`}}{{`{{ end }}`}} for at least {{ .Values.rules.peerWarningFor }}, so its metrics have moved away from their usual level in a way that the other tenants of its group have not. The current peer score is {{`{{ printf "%.2f" $value }}`}}, on a scale where 1 is the edge of the group's band.{{`{{ if printf "anomaly_peer_outlier{detector=%q, entity=%q} == 1" $labels.detector $labels.entity | query }}`}} The cross-tenant IsolationForest also flags the tenant as an outlier.{{`{{ end }}`}}
+          runbook_url: '{{ .Values.rules.runbookBaseUrl | trimSuffix `/` }}/anomaly-peer-outlier.md'
+          dashboard_url: '{{ .Values.rules.grafanaBaseUrl | trimSuffix `/` }}/d/anomaly-entity/anomaly-entity?var-detector={{`{{ $labels.detector | urlquery }}`}}&var-entity={{`{{ $labels.entity | urlquery }}`}}'
+      - alert: AnomalyPeerOutlier
+        expr: anomaly_peer_score >= {{ .Values.rules.peerCriticalScore }}
+        for: '{{ .Values.rules.peerCriticalFor }}'
+        labels:
+          severity: critical
+        annotations:
+          summary: A tenant deviates strongly from its peer group.
+          description: Detector {{`{{ $labels.detector }}`}} has scored tenant {{`{{ $labels.entity }}`}} at or above {{ .Values.rules.peerCriticalScore }} against its peer group{{`{{ with printf "anomaly_peer_group{detector=%q, entity=%q}" $labels.detector $labels.entity | query }}`}} {{`{{ . | first | value | printf "%.0f" }}`}}{{`{{ end }}`}} for at least {{ .Values.rules.peerCriticalFor }}, so its metrics have moved away from their usual level in a way that the other tenants of its group have not. The current peer score is {{`{{ printf "%.2f" $value }}`}}, on a scale where 1 is the edge of the group's band.{{`{{ if printf "anomaly_peer_outlier{detector=%q, entity=%q} == 1" $labels.detector $labels.entity | query }}`}} The cross-tenant IsolationForest also flags the tenant as an outlier.{{`{{ end }}`}}
+          runbook_url: '{{ .Values.rules.runbookBaseUrl | trimSuffix `/` }}/anomaly-peer-outlier.md'
+          dashboard_url: '{{ .Values.rules.grafanaBaseUrl | trimSuffix `/` }}/d/anomaly-entity/anomaly-entity?var-detector={{`{{ $labels.detector | urlquery }}`}}&var-entity={{`{{ $labels.entity | urlquery }}`}}'
+      - alert: NoisyNeighbor
+        expr: anomaly_noisy_neighbor{role="noisy"} == 1
+        for: '{{ .Values.rules.noisyNeighborFor }}'
+        labels:
+          severity: warning
+        annotations:
+          summary: A tenant's load degrades other tenants on the same node.
+          description: 'Detector {{`{{ $labels.detector }}`}} has found for at least {{ .Values.rules.noisyNeighborFor }} that the load of tenant {{`{{ $labels.entity }}`}} on node {{`{{ $labels.node }}`}} degrades other tenants on that node. Affected tenants on {{`{{ $labels.node }}`}}: {{`{{ with printf "anomaly_noisy_neighbor{detector=%q, node=%q, role=%q}" $labels.detector $labels.node "affected" | query }}`}}{{`{{ range $index, $sample := . | sortByLabel "entity" }}`}}{{`{{ if $index }}`}}, {{`{{ end }}`}}{{`{{ $sample.Labels.entity }}`}}{{`{{ end }}`}}{{`{{ else }}`}}none reported at the moment{{`{{ end }}`}}.'
+          runbook_url: '{{ .Values.rules.runbookBaseUrl | trimSuffix `/` }}/noisy-neighbor.md'
+          dashboard_url: '{{ .Values.rules.grafanaBaseUrl | trimSuffix `/` }}/d/anomaly-entity/anomaly-entity?var-detector={{`{{ $labels.detector | urlquery }}`}}&var-entity={{`{{ $labels.entity | urlquery }}`}}'
+      - alert: NoisyNeighbor
+        expr: anomaly_noisy_neighbor{role="noisy"} == 1
+        for: '{{ .Values.rules.noisyNeighborCriticalFor }}'
+        labels:
+          severity: critical
+        annotations:
+          summary: A tenant's load has degraded other tenants on the same node for a long time.
+          description: 'Detector {{`{{ $labels.detector }}`}} has found for at least {{ .Values.rules.noisyNeighborCriticalFor }} that the load of tenant {{`{{ $labels.entity }}`}} on node {{`{{ $labels.node }}`}} degrades other tenants on that node. Affected tenants on {{`{{ $labels.node }}`}}: {{`{{ with printf "anomaly_noisy_neighbor{detector=%q, node=%q, role=%q}" $labels.detector $labels.node "affected" | query }}`}}{{`{{ range $index, $sample := . | sortByLabel "entity" }}`}}{{`{{ if $index }}`}}, {{`{{ end }}`}}{{`{{ $sample.Labels.entity }}`}}{{`{{ end }}`}}{{`{{ else }}`}}none reported at the moment{{`{{ end }}`}}.'
+          runbook_url: '{{ .Values.rules.runbookBaseUrl | trimSuffix `/` }}/noisy-neighbor.md'
+          dashboard_url: '{{ .Values.rules.grafanaBaseUrl | trimSuffix `/` }}/d/anomaly-entity/anomaly-entity?var-detector={{`{{ $labels.detector | urlquery }}`}}&var-entity={{`{{ $labels.entity | urlquery }}`}}'
+  - name: anomaly-exporter.equipment
+    interval: '{{ .Values.rules.evaluationInterval }}'
+    rules:
+      - alert: EquipmentFault
+        expr: anomaly_equipment_fault >= {{ .Values.rules.equipmentFaultWarningScore }}
+        for: '{{ .Values.rules.equipmentFaultWarningFor }}'
+        labels:
+          severity: warning
+        annotations:
+          summary: A machine shows the vibration signature of a mechanical fault.
+          description: Detector {{`{{ $labels.detector }}`}} has scored fault {{`{{ $labels.fault }}`}}{{`{{ with $labels.bearing }}`}} of bearing {{`{{ . }}`}}{{`{{ end }}`}} on equipment {{`{{ $labels.entity }}`}} at or above {{ .Values.rules.equipmentFaultWarningScore }} for at least {{ .Values.rules.equipmentFaultWarningFor }}, so the vibration amplitude at the fault's frequency is above its healthy baseline. The current fault score is {{`{{ printf "%.2f" $value }}`}}, on a scale where 1 is 2 standard deviations of the baseline's log amplitude and 2 is 3.
+          runbook_url: '{{ .Values.rules.runbookBaseUrl | trimSuffix `/` }}/equipment-fault.md'
+          dashboard_url: '{{ .Values.rules.grafanaBaseUrl | trimSuffix `/` }}/d/anomaly-entity/anomaly-entity?var-detector={{`{{ $labels.detector | urlquery }}`}}&var-entity={{`{{ $labels.entity | urlquery }}`}}'
+      - alert: EquipmentFault
+        expr: anomaly_equipment_fault >= {{ .Values.rules.equipmentFaultCriticalScore }}
+        for: '{{ .Values.rules.equipmentFaultCriticalFor }}'
+        labels:
+          severity: critical
+        annotations:
+          summary: A machine shows a strong vibration signature of a mechanical fault.
+          description: Detector {{`{{ $labels.detector }}`}} has scored fault {{`{{ $labels.fault }}`}}{{`{{ with $labels.bearing }}`}} of bearing {{`{{ . }}`}}{{`{{ end }}`}} on equipment {{`{{ $labels.entity }}`}} at or above {{ .Values.rules.equipmentFaultCriticalScore }} for at least {{ .Values.rules.equipmentFaultCriticalFor }}, so the vibration amplitude at the fault's frequency is above its healthy baseline. The current fault score is {{`{{ printf "%.2f" $value }}`}}, on a scale where 1 is 2 standard deviations of the baseline's log amplitude and 2 is 3.
+          runbook_url: '{{ .Values.rules.runbookBaseUrl | trimSuffix `/` }}/equipment-fault.md'
           dashboard_url: '{{ .Values.rules.grafanaBaseUrl | trimSuffix `/` }}/d/anomaly-entity/anomaly-entity?var-detector={{`{{ $labels.detector | urlquery }}`}}&var-entity={{`{{ $labels.entity | urlquery }}`}}'
   - name: anomaly-exporter.self-monitoring
     interval: '{{ .Values.rules.evaluationInterval }}'
