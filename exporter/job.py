@@ -576,6 +576,10 @@ class MultiQueryJob(DetectorJob):
         try:
             end = self._aligned_end()
             data = self.query(end - self.config.fit_window, end, "fit")
+            # Forget the labels of entities that left both the fit window and the results.
+            current = {entity for panel in data.panels.values() for entity in panel.entities}
+            current |= {key[0] for key in self._latest}
+            self._entity_labels = {entity: labels for entity, labels in self._entity_labels.items() if entity in current}
             with self._swap_lock:
                 previous = self._model
             model = self.new_detector().fit(data, previous=previous)
