@@ -586,7 +586,7 @@ class MultiQueryJob(DetectorJob):
             self._save(model, [])
             self._install(model, [])
             self._score_fit_tail_multi(model, data, end)
-        except (QueryError, SourceUnavailable, JobError, ValueError, StateError) as error:
+        except (QueryError, SourceUnavailable, JobError, ValueError, StateError, ImportError) as error:
             self._failed("fit", started, error)
             return
         except Exception:  # noqa: BLE001 - one detector's bug must not stop the scheduler
@@ -630,7 +630,7 @@ class MultiQueryJob(DetectorJob):
             else:
                 results = self._warming(data)
             self._store_results(results)
-        except (QueryError, SourceUnavailable, JobError, ValueError, StateError) as error:
+        except (QueryError, SourceUnavailable, JobError, ValueError, StateError, ImportError) as error:
             self._failed("score", started, error)
             self._publish()
             return
