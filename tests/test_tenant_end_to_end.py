@@ -26,7 +26,7 @@ def evaluation(start_prometheus):
 
 
 def test_every_score_run_succeeds(evaluation):
-    assert evaluation.checks == 96
+    assert evaluation.checks == 95
 
 
 def test_recall_at_least_point_nine(evaluation):
