@@ -388,13 +388,17 @@ class SeasonalDetector(Detector):
             bucket += 1.0
         return bucket
 
-    @staticmethod
-    def _span_seconds(valid: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+    def _span_seconds(self, valid: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+        """Return the history each row covers: from its first to its last sample, plus one step.
+
+        Each sample stands for one step, so 13 days of 5-minute samples cover 13 days, not
+        13 days minus 5 minutes, and meet the 13-day rule of the weekly cycle.
+        """
         if timestamps.size == 0:
             return np.zeros(valid.shape[0])
         first = np.argmax(valid, axis=1)
         last = valid.shape[1] - 1 - np.argmax(valid[:, ::-1], axis=1)
-        span = timestamps[last] - timestamps[first]
+        span = timestamps[last] - timestamps[first] + self.step
         return np.where(valid.any(axis=1), span, 0.0)
 
     def _trend(self, values: np.ndarray, timestamps: np.ndarray, span: np.ndarray) -> np.ndarray:
