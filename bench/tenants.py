@@ -87,6 +87,8 @@ class Evaluation:
     true_flags: int = 0
     false_flags: int = 0
     false_alarm_tenants: set[str] = field(default_factory=set)
+    flags_by_type: dict[str, list[int]] = field(default_factory=dict)
+    """Per type named by ``anomaly_type``: [true flags, false flags]."""
     noisy_found: set[tuple[str, str, str]] = field(default_factory=set)
     noisy_truth: set[tuple[str, str, str]] = field(default_factory=set)
     adjusted_rand: float = float("nan")
@@ -198,10 +200,12 @@ def _score(simulation: TenantSimulation, flags: dict, result: Evaluation, until:
             expected = "behavioural" if anomaly.role == "affected" else EXPECTED_TYPE[anomaly.kind]
             result.typed_right.setdefault(anomaly.kind, []).append(bool(named) and named[0][0] == expected)
     for tenant, entries in flags.items():
-        for moment, score, _ in entries:
+        for moment, score, kind in entries:
             if score < 0:
                 continue
             inside = any(a.tenant == tenant and a.start <= moment < a.end + GRACE_SECONDS for a in anomalies)
+            counts = result.flags_by_type.setdefault(kind or "none", [0, 0])
+            counts[0 if inside else 1] += 1
             if inside:
                 result.true_flags += 1
             else:
@@ -228,6 +232,10 @@ def report(evaluation: Evaluation, backfill_seconds: float) -> str:
         typed = evaluation.typed_right.get(kind, [])
         named = f"{sum(typed)} of {len(typed)}" if kind != "multivariate" else "not typed"
         lines.append(f"| {kind} | {len(found)} | {sum(found)} | {named} |")
+    lines += ["", "| type named | flagged checks | precision |", "|---|---|---|"]
+    for kind in sorted(evaluation.flags_by_type):
+        true, false = evaluation.flags_by_type[kind]
+        lines.append(f"| {kind} | {true + false} | {true / (true + false):.2f} |")
     noisy_hits = evaluation.noisy_found & evaluation.noisy_truth
     lines += [
         "",
