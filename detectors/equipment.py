@@ -6,17 +6,31 @@ dominant frequency and band energies for vibration sensors sampled fast enough).
 normal operation learns a control chart per feature, an EWMA chart per sensor for slow drift
 and, when configured, a dense autoencoder over an entity's standardised features.
 
+Each chart's spread is the training spread widened for autocorrelation: a series whose
+``n`` values carry only ``n_eff`` independent ones (AR(1) approximation, ``n_eff = n (1 - r) /
+(1 + r)`` with ``r`` the lag-1 autocorrelation) understates its variance by about the factor
+``1 - 1 / n_eff``, and a new value varies around the estimated mean by ``1 + 1 / n_eff``
+times it. Slowly wandering sensors, such as temperatures, thereby get wide limits.
+
+With ``calibration_share`` above 0, fitting first holds out the newest part of the window:
+limits learnt on the older part score it, and each sensor's and entity's warning edge moves
+out (never in) until at most ``false_alarm_rate`` of the held-out scores reach it. The limits
+are then refitted on the whole window, and the edges keep their calibration factors.
+
 Score scale, shared with every detector type (1 = warning edge, 2 = critical edge):
 
 * Control charts: a deviation of ``z`` standard deviations scores ``z / 2`` up to ``z = 2``
   and ``1 + (z - 2)`` beyond, so 2 sigma is 1 and 3 sigma is 2. With ``family_correction``,
   the largest ``z`` of an entity's (or a sensor's) ``m`` charts is first turned into the
   ``z`` of one chart with the same false-alarm probability (Sidak). An entity with 60 charts
-  is then not at its warning edge whenever one of them passes 2 sigma.
+  is then not at its warning edge whenever one of them passes 2 sigma. A calibration factor
+  ``c`` divides the deviation first, so the warning edge sits at ``2 c``.
 * Autoencoder: the root mean square reconstruction error, divided by its
   ``autoencoder_quantile`` over the training data, is the error ratio ``r``. The score is ``r``
   up to 1 and ``1 + 2 (r - 1)`` beyond: ``r`` is read as ``z / 2``, so the critical edge sits
-  at 1.5 times the warning error, as 3 sigma is 1.5 times 2 sigma on a control chart.
+  at 1.5 times the warning error, as 3 sigma is 1.5 times 2 sigma on a control chart. With
+  calibration, the autoencoder learns from the older part only, and the warning error is the
+  larger of that quantile and the ``1 - false_alarm_rate`` quantile of the held-out errors.
 * ``both``: the larger of the two scores.
 """
 
@@ -64,6 +78,17 @@ MAX_SCORE = 100.0
 # Minimum number of complete training feature vectors to train the autoencoder on.
 MIN_AUTOENCODER_SAMPLES = 50
 
+# Largest factor by which autocorrelation widens a chart's spread. Without the cap the factor
+# grows without bound as the effective number of independent training values falls to 1.
+MAX_SPREAD_INFLATION = 10.0
+
+# Minimum number of held-out scores a calibration quantile is taken from. A score with fewer
+# keeps its uncalibrated edge.
+MIN_CALIBRATION_SAMPLES = 20
+
+# Deviation, in standard deviations, at the warning edge of an uncalibrated chart.
+WARNING_Z = 2.0
+
 
 class EquipmentParams(BaseModel):
     """Parameters of the ``equipment`` detector type (the ``params`` key of a detector)."""
@@ -96,7 +121,8 @@ class EquipmentParams(BaseModel):
     """Frequency bands ``[low, high)`` in Hz whose energy is a feature of each vibration sensor."""
 
     autoencoder_quantile: float = Field(default=0.99, gt=0.5, lt=1)
-    """Quantile of the training reconstruction error that is the autoencoder's warning edge."""
+    """Quantile of the training reconstruction error that is the autoencoder's warning edge.
+    Calibration can only raise the edge."""
 
     autoencoder_epochs: int = Field(default=200, ge=1, le=10000)
     """Most training epochs; training stops earlier when the validation loss stalls for 10."""
@@ -106,6 +132,15 @@ class EquipmentParams(BaseModel):
 
     seed: int = 0
     """Seed of the autoencoder's weight initialisation and shuffling."""
+
+    calibration_share: float = Field(default=0.25, ge=0, le=0.5)
+    """Share of the fit window's newest samples held out to calibrate the warning edges, or 0 to turn
+    calibration off. Calibration needs at least 20 held-out samples and twice the window before them."""
+
+    false_alarm_rate: float = Field(default=0.05, gt=0, lt=0.5)
+    """Share of the held-out samples whose score may reach the warning edge after calibration. The
+    default is close to the 4.6 % of normal data beyond 2 sigma, so calibration widens only the edges
+    that held-out data passes more often than their 2-sigma meaning promises."""
 
     @field_validator("window", "min_history")
     @classmethod
@@ -135,7 +170,7 @@ class EquipmentScores(Scores):
 
     The inherited arrays are per panel row (sensor): ``score`` is the sensor's own score,
     ``expected`` its training mean and ``lower``/``upper`` the warning band of its window
-    mean (2 sigma), in the input's unit.
+    mean (2 sigma times the sensor's calibration factor), in the input's unit.
     """
 
     entity_score: np.ndarray
@@ -171,7 +206,8 @@ class EquipmentDetector(Detector):
     params : EquipmentParams
         ``method`` chooses control limits, the autoencoder or both; ``window`` sets the span of
         each feature; ``ewma_lambda`` the sensitivity of the drift chart; ``min_history`` the
-        cold start.
+        cold start; ``calibration_share`` and ``false_alarm_rate`` the calibration of the
+        warning edges on the newest part of the fit window.
     step : float
         Seconds between samples.
     timezone : str
@@ -232,17 +268,53 @@ class EquipmentDetector(Detector):
         """
         values, timestamps = check_panel(values, timestamps, step=self.step)
         self._set_rows(entities, sensors, values.shape[0])
+        split = self._calibration_split(values.shape[1])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             features = self._features(values)
+            self._calibrate_limits(values, features, split)
             self._fit_limits(values, features)
             self._fit_ewma(values)
         self.tail_ = self._tail(values)
         self.fitted_until_ = float(timestamps[-1]) if timestamps.size else 0.0
         self.autoencoder_ = None
         if self.params.method != "limits":
-            self._fit_autoencoder(features)
+            self._fit_autoencoder(features, split)
         return self
+
+    def _calibration_split(self, n_columns: int) -> int | None:
+        """Return the first held-out column, or None when calibration is off or the window too short."""
+        n_holdout = int(round(self.params.calibration_share * n_columns))
+        if n_holdout < MIN_CALIBRATION_SAMPLES or n_columns - n_holdout < 2 * self.window_samples:
+            return None
+        return n_columns - n_holdout
+
+    def _calibrate_limits(self, values: np.ndarray, features: np.ndarray, split: int | None) -> None:
+        """Set the calibration factors of the sensor and entity scores (1 = uncalibrated).
+
+        Limits fitted on the columns before ``split`` score the columns from ``split`` on. A
+        score's factor is its ``1 - false_alarm_rate`` quantile there divided by the warning
+        edge's deviation, at least 1. The caller's fit on every column overwrites these limits.
+        """
+        self.sensor_calibration_ = np.ones(values.shape[0])
+        self.entity_calibration_ = np.ones(len(self.entities_))
+        if split is None:
+            return
+        self._fit_limits(values[:, :split], features[:, :, :split])
+        self._fit_ewma(values[:, :split])
+        rows = np.arange(values.shape[0])
+        charts, _ = self._charts(features[:, :, split:], values[:, split:], rows)
+        sensor_z, entity_z = self._family_z(charts, self.row_entity_)
+        self.sensor_calibration_ = self._calibration_factor(sensor_z)
+        # NOTE: one excursion of one sensor in the held-out part raises the entity's factor, which
+        # then widens the entity's edge for all its sensors (on SKAB it hides two of 16 anomalies).
+        self.entity_calibration_ = self._calibration_factor(entity_z)
+
+    def _calibration_factor(self, z: np.ndarray) -> np.ndarray:
+        """Return, per row of held-out deviations, how far the warning edge must move out."""
+        edge = row_quantiles(z, [1.0 - self.params.false_alarm_rate])[:, 0] / WARNING_Z
+        enough = np.sum(~np.isnan(z), axis=1) >= MIN_CALIBRATION_SAMPLES
+        return np.where(enough, np.fmax(np.nan_to_num(edge, nan=1.0), 1.0), 1.0)
 
     def _set_rows(self, entities, sensors, n_rows: int) -> None:
         entities = [str(entity) for entity in entities]
@@ -289,8 +361,12 @@ class EquipmentDetector(Detector):
         deviation = np.abs(features - self.feature_mean_[:, :, None])
         flat = deviation.reshape(n_rows * n_features, -1)
         tail = row_quantiles(flat, [0.99])[:, 0].reshape(n_rows, n_features)
-        spread = np.fmax(np.nanstd(features, axis=2), tail / NORMAL_Q99)
-        self.feature_spread_ = np.fmax(np.nan_to_num(spread), self._spread_floor(values, self.feature_mean_))
+        spread = np.nan_to_num(np.fmax(np.nanstd(features, axis=2), tail / NORMAL_Q99))
+        floor = self._spread_floor(values, self.feature_mean_)
+        # The autoencoder standardises with the spread seen in training, and the control limits
+        # widen it for autocorrelation.
+        self.feature_scale_ = np.fmax(spread, floor)
+        self.feature_spread_ = np.fmax(spread * autocorrelation_inflation(features), floor)
 
     def _spread_floor(self, values: np.ndarray, feature_mean: np.ndarray) -> np.ndarray:
         """Floor of each feature's spread, so constant or quantised training data stays usable."""
@@ -318,7 +394,7 @@ class EquipmentDetector(Detector):
         lam = self.params.ewma_lambda
         if lam is None:
             return
-        location_spread = self.feature_spread_[:, STAT_FEATURES.index("mean")] * np.sqrt(self.window_samples)
+        location_spread = self.feature_scale_[:, STAT_FEATURES.index("mean")] * np.sqrt(self.window_samples)
         value_spread = np.fmax(np.nan_to_num(np.nanstd(values, axis=1)), location_spread / np.sqrt(self.window_samples))
         # The EWMA of independent samples has a spread of sqrt(lam / (2 - lam)) times theirs.
         # Autocorrelated sensors wander more, so the spread seen in training is used when larger.
@@ -326,14 +402,10 @@ class EquipmentDetector(Detector):
         path = self._run_ewma(values, self.value_mean_.copy())
         burn_in = min(int(np.ceil(1.0 / lam)), values.shape[1] // 2)
         observed = np.nan_to_num(np.nanstd(path[:, burn_in:] - self.value_mean_[:, None], axis=1))
-        # The centre is itself estimated from the training data, with a variance of the
-        # samples' variance over their count, inflated as much as autocorrelation inflated
-        # the EWMA's spread.
-        inflation = np.fmax(observed / np.maximum(theoretical, 1e-300), 1.0) ** 2
-        count = np.maximum(np.sum(~np.isnan(values), axis=1), 1)
-        centre_variance = value_spread**2 / count * inflation
-        self.ewma_spread_ = np.sqrt(np.fmax(theoretical, observed) ** 2 + centre_variance)
-        self.ewma_spread_ = np.maximum(self.ewma_spread_, 1e-9)
+        # The centre is itself estimated from the training data: the inflation for the EWMA's
+        # own autocorrelation covers both its uncertainty and the spread it hides.
+        inflation = autocorrelation_inflation(path[:, None, burn_in:])[:, 0]
+        self.ewma_spread_ = np.maximum(np.fmax(theoretical, observed) * inflation, 1e-9)
         self.ewma_ = path[:, -1] if values.shape[1] else self.ewma_
 
     def _run_ewma(self, values: np.ndarray, start: np.ndarray) -> np.ndarray:
@@ -386,7 +458,7 @@ class EquipmentDetector(Detector):
         """
         table = self.entity_rows_
         n_columns = features.shape[2]
-        standard = (features - self.feature_mean_[rows][:, :, None]) / self.feature_spread_[rows][:, :, None]
+        standard = (features - self.feature_mean_[rows][:, :, None]) / self.feature_scale_[rows][:, :, None]
         by_fitted_row = np.full((self.row_entity_.size, len(self.feature_names), n_columns), np.nan)
         by_fitted_row[rows] = standard
         arranged = by_fitted_row[table]  # (entities, sensors, features, columns)
@@ -398,7 +470,13 @@ class EquipmentDetector(Detector):
         sensor_of = np.repeat(np.arange(len(self.sensors_))[:, None], len(self.feature_names), axis=1)
         return sensor_of[self.input_mask_]
 
-    def _fit_autoencoder(self, features: np.ndarray) -> None:
+    def _fit_autoencoder(self, features: np.ndarray, split: int | None) -> None:
+        """Train the autoencoder on the standardised features and set its warning edges.
+
+        With calibration (``split`` not None) it trains on the columns before ``split`` only,
+        and the columns from ``split`` on can raise the edges. The inputs of both are
+        standardised with the limits of the whole window.
+        """
         self.entity_rows_ = self._entity_rows()
         self.input_mask_ = self._input_columns()
         inputs = self._standardised_inputs(features, np.arange(self.row_entity_.size))
@@ -406,7 +484,10 @@ class EquipmentDetector(Detector):
         ready_entity = np.zeros(len(self.entities_), dtype=bool)
         np.logical_or.at(ready_entity, self.row_entity_, self.ready_mask_)
         complete &= ready_entity[:, None]
-        samples = inputs[complete]
+        end = inputs.shape[1] if split is None else split
+        training = complete.copy()
+        training[:, end:] = False
+        samples = inputs[training]
         if samples.shape[0] < MIN_AUTOENCODER_SAMPLES:
             raise ValueError(
                 f"too little complete training data for the autoencoder: {samples.shape[0]} feature vectors, "
@@ -417,17 +498,28 @@ class EquipmentDetector(Detector):
             samples.astype(np.float32), epochs=params.autoencoder_epochs, batch_size=params.autoencoder_batch_size, seed=params.seed
         )
 
-        # Warning edges: a quantile of the training error per entity and per (entity, sensor).
+        # Warning edges per entity and per (entity, sensor).
         squared = np.full(inputs.shape, np.nan)
-        squared[complete] = (_autoencoder.reconstruct(self.autoencoder_, samples) - samples) ** 2
+        squared[complete] = (_autoencoder.reconstruct(self.autoencoder_, inputs[complete]) - inputs[complete]) ** 2
         entity_rms, sensor_rms = self._error_rms(squared)
-        quantile = params.autoencoder_quantile
-        self.ae_entity_edge_ = np.nan_to_num(row_quantiles(entity_rms, [quantile])[:, 0], nan=1.0)
-        by_sensor = row_quantiles(sensor_rms.reshape(-1, sensor_rms.shape[2]), [quantile])[:, 0]
+        self.ae_entity_edge_ = self._error_edge(entity_rms, end)
+        by_sensor = self._error_edge(sensor_rms.reshape(-1, sensor_rms.shape[2]), end)
         by_sensor = by_sensor.reshape(len(self.entities_), len(self.sensors_))
-        self.ae_sensor_edge_ = np.nan_to_num(by_sensor, nan=1.0)[self.row_entity_, self.row_sensor_]
-        self.ae_entity_edge_ = np.maximum(self.ae_entity_edge_, 1e-6)
-        self.ae_sensor_edge_ = np.maximum(self.ae_sensor_edge_, 1e-6)
+        self.ae_sensor_edge_ = by_sensor[self.row_entity_, self.row_sensor_]
+
+    def _error_edge(self, rms: np.ndarray, split: int) -> np.ndarray:
+        """Return the warning edge of each row of RMS errors (rows, columns).
+
+        The edge is the ``autoencoder_quantile`` of the columns before ``split``, raised to the
+        ``1 - false_alarm_rate`` quantile of the later columns where those hold enough errors.
+        """
+        edge = row_quantiles(rms[:, :split], [self.params.autoencoder_quantile])[:, 0]
+        held_out = rms[:, split:]
+        if held_out.shape[1]:
+            calibrated = row_quantiles(held_out, [1.0 - self.params.false_alarm_rate])[:, 0]
+            enough = np.sum(~np.isnan(held_out), axis=1) >= MIN_CALIBRATION_SAMPLES
+            edge = np.where(enough, np.fmax(edge, calibrated), edge)
+        return np.maximum(np.nan_to_num(edge, nan=1.0), 1e-6)
 
     def _error_rms(self, squared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Turn squared errors (entities, columns, inputs) into RMS per entity and per sensor.
@@ -464,26 +556,16 @@ class EquipmentDetector(Detector):
         extended = np.concatenate([self.tail_[rows], values], axis=1)
         features = self._features(extended, rows)[:, :, -n_columns:] if n_columns else np.empty((rows.size, len(self.feature_names), 0))
 
-        # Control charts: one per feature, plus the EWMA chart of each sensor.
-        z = self.directional((features - self.feature_mean_[rows][:, :, None]) / self.feature_spread_[rows][:, :, None])
-        charts = [z]
-        if self.params.ewma_lambda is not None:
-            path = self._run_ewma(values, self.ewma_[rows].copy())
-            if n_columns:
-                self.ewma_[rows] = path[:, -1]
-            drift = self.directional((path - self.value_mean_[rows][:, None]) / self.ewma_spread_[rows][:, None])
-            charts.append(drift[:, None, :])
-        charts = np.concatenate(charts, axis=1)
+        charts, ewma_path = self._charts(features, values, rows)
+        if ewma_path is not None and n_columns:
+            self.ewma_[rows] = ewma_path[:, -1]
         row_entity = self.row_entity_[rows]
         n_entities = len(self.entities_)
 
-        sensor_limits = self._family_score(np.nanmax(charts, axis=1), np.sum(~np.isnan(charts), axis=1))
+        sensor_z, entity_z = self._family_z(charts, row_entity)
+        sensor_limits = chart_score(sensor_z / self.sensor_calibration_[rows][:, None])
+        entity_limits = chart_score(entity_z / self.entity_calibration_[:, None])
         limits_energy = np.nansum(charts**2, axis=1)
-        entity_max = np.full((n_entities, n_columns), -np.inf)
-        np.fmax.at(entity_max, row_entity, np.nan_to_num(np.nanmax(charts, axis=1), nan=-np.inf))
-        entity_count = np.zeros((n_entities, n_columns))
-        np.add.at(entity_count, row_entity, np.sum(~np.isnan(charts), axis=1))
-        entity_limits = self._family_score(np.where(np.isfinite(entity_max), entity_max, np.nan), entity_count)
 
         if self.params.method == "limits":
             sensor_score, entity_score, energy = sensor_limits, entity_limits, limits_energy
@@ -506,7 +588,7 @@ class EquipmentDetector(Detector):
             self.fitted_until_ = max(self.fitted_until_, float(timestamps[-1]))
         mean_index = STAT_FEATURES.index("mean")
         centre = np.repeat(self.feature_mean_[rows, mean_index][:, None], n_columns, axis=1)
-        half_width = 2.0 * self.feature_spread_[rows, mean_index][:, None]
+        half_width = WARNING_Z * self.feature_spread_[rows, mean_index][:, None] * self.sensor_calibration_[rows][:, None]
         return EquipmentScores(
             score=np.minimum(sensor_score, MAX_SCORE),
             expected=centre,
@@ -518,11 +600,36 @@ class EquipmentDetector(Detector):
             contribution=contribution,
         )
 
-    def _family_score(self, z_max: np.ndarray, count: np.ndarray) -> np.ndarray:
-        """Map the largest of ``count`` chart deviations to the score scale, Sidak-corrected."""
+    def _charts(self, features: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Return the unsigned deviations (rows, charts, columns) and the EWMA path (None without EWMA).
+
+        There is one chart per feature, plus the EWMA chart of each sensor. The EWMA continues
+        from ``self.ewma_``, and the caller decides whether to keep the path's end.
+        """
+        z = self.directional((features - self.feature_mean_[rows][:, :, None]) / self.feature_spread_[rows][:, :, None])
+        if self.params.ewma_lambda is None:
+            return z, None
+        path = self._run_ewma(values, self.ewma_[rows].copy())
+        drift = self.directional((path - self.value_mean_[rows][:, None]) / self.ewma_spread_[rows][:, None])
+        return np.concatenate([z, drift[:, None, :]], axis=1), path
+
+    def _family_z(self, charts: np.ndarray, row_entity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return the largest chart deviation of each sensor (rows, columns) and each entity
+        (entities, columns), Sidak-corrected for the number of charts when configured."""
+        n_columns = charts.shape[2]
+        sensor_max = np.nanmax(charts, axis=1)
+        sensor_count = np.sum(~np.isnan(charts), axis=1)
+        entity_max = np.full((len(self.entities_), n_columns), -np.inf)
+        np.fmax.at(entity_max, row_entity, np.nan_to_num(sensor_max, nan=-np.inf))
+        entity_count = np.zeros((len(self.entities_), n_columns))
+        np.add.at(entity_count, row_entity, sensor_count)
+        entity_max = np.where(np.isfinite(entity_max), entity_max, np.nan)
+        return self._family_correct(sensor_max, sensor_count), self._family_correct(entity_max, entity_count)
+
+    def _family_correct(self, z_max: np.ndarray, count: np.ndarray) -> np.ndarray:
         if not self.params.family_correction:
-            return chart_score(z_max)
-        return chart_score(family_z(z_max, count, two_sided=self.direction == "both"))
+            return z_max
+        return family_z(z_max, count, two_sided=self.direction == "both")
 
     def _autoencoder_scores(self, features, rows, n_columns):
         """Return (sensor scores, entity scores, squared error per sensor) of the autoencoder."""
@@ -573,11 +680,14 @@ class EquipmentDetector(Detector):
             "ewma": self.ewma_,
             "ewma_spread": self.ewma_spread_,
             "tail": self.tail_,
+            "sensor_calibration": self.sensor_calibration_,
+            "entity_calibration": self.entity_calibration_,
         }
         if self.params.method != "limits":
             if model_path is None:
                 raise ValueError(f"method {self.params.method!r} has a Keras model: pass model_path to save it")
             _autoencoder.save_model(self.autoencoder_, model_path)
+            arrays["feature_scale"] = self.feature_scale_
             arrays["ae_entity_edge"] = self.ae_entity_edge_
             arrays["ae_sensor_edge"] = self.ae_sensor_edge_
         meta = {
@@ -588,6 +698,8 @@ class EquipmentDetector(Detector):
             "sensors": self.sensors_,
             "feature_names": self.feature_names,
             "window_samples": self.window_samples,
+            "calibration_share": self.params.calibration_share,
+            "false_alarm_rate": self.params.false_alarm_rate,
             "fitted_until": self.fitted_until_,
         }
         return arrays, meta
@@ -600,6 +712,8 @@ class EquipmentDetector(Detector):
             "method": self.params.method,
             "feature_names": self.feature_names,
             "window_samples": self.window_samples,
+            "calibration_share": self.params.calibration_share,
+            "false_alarm_rate": self.params.false_alarm_rate,
         }
         for key, value in expected_meta.items():
             if meta.get(key) != value:
@@ -624,8 +738,11 @@ class EquipmentDetector(Detector):
             "ewma": (n_rows,),
             "ewma_spread": (n_rows,),
             "tail": (n_rows, self.window_samples - 1),
+            "sensor_calibration": (n_rows,),
+            "entity_calibration": (len(self.entities_),),
         }
         if self.params.method != "limits":
+            shapes["feature_scale"] = (n_rows, n_features)
             shapes["ae_entity_edge"] = (len(self.entities_),)
             shapes["ae_sensor_edge"] = (n_rows,)
         for name, shape in shapes.items():
@@ -636,12 +753,19 @@ class EquipmentDetector(Detector):
         in_range = in_range and (row_sensor >= 0).all() and (row_sensor < len(self.sensors_)).all()
         if not in_range or not np.all(restored["feature_spread"] > 0) or not np.all(restored["ewma_spread"] > 0):
             raise StateError("invalid state: row indices out of range or non-positive spreads; the detector will be refitted")
+        calibration = np.concatenate([restored["sensor_calibration"], restored["entity_calibration"]])
+        if not np.all(np.isfinite(calibration) & (calibration >= 1.0)):
+            raise StateError("invalid state: calibration factors must be finite and at least 1, so the detector will be refitted")
+        if "feature_scale" in shapes and not np.all(restored["feature_scale"] > 0):
+            raise StateError("invalid state: non-positive feature scales, so the detector will be refitted")
 
         self.row_entity_, self.row_sensor_ = row_entity, row_sensor
         self.ready_mask_ = restored["ready"].astype(bool)
         self.feature_mean_, self.feature_spread_ = restored["feature_mean"], restored["feature_spread"]
         self.value_mean_, self.ewma_, self.ewma_spread_ = restored["value_mean"], restored["ewma"], restored["ewma_spread"]
         self.tail_ = restored["tail"]
+        self.sensor_calibration_ = restored["sensor_calibration"]
+        self.entity_calibration_ = restored["entity_calibration"]
         self.fitted_until_ = fitted_until
         self.autoencoder_ = None
         if self.params.method != "limits":
@@ -649,6 +773,7 @@ class EquipmentDetector(Detector):
                 raise StateError(f"method {self.params.method!r} needs its Keras model: pass model_path")
             self.entity_rows_ = self._entity_rows()
             self.input_mask_ = self._input_columns()
+            self.feature_scale_ = restored["feature_scale"]
             self.ae_entity_edge_, self.ae_sensor_edge_ = restored["ae_entity_edge"], restored["ae_sensor_edge"]
             self.autoencoder_ = _autoencoder.load_model(model_path)
         return self
@@ -676,6 +801,40 @@ def family_z(z_max: np.ndarray, count: np.ndarray, *, two_sided: bool = True) ->
         corrected = -special.ndtri(np.clip(family, 1e-300, 1.0) / sides)
     corrected = np.maximum(corrected, 0.0) + (z - exact)
     return np.where((count > 0) & ~np.isnan(z), corrected, np.nan)
+
+
+def autocorrelation_inflation(series: np.ndarray) -> np.ndarray:
+    """Return the factor by which autocorrelation widens the spread of each series, at least 1.
+
+    ``series`` has shape (rows, features, columns), NaN where missing. With ``r`` the lag-1
+    autocorrelation (negative values count as 0) and ``n`` the number of values, the effective
+    number of independent values is ``n_eff = n (1 - r) / (1 + r)``, the AR(1) approximation.
+    The factor is ``sqrt((1 + 1 / n_eff) / (1 - 1 / n_eff))``: the sample variance around the
+    sample mean is short by about ``1 / n_eff`` of the variance, and a new value varies around that
+    mean by ``1 + 1 / n_eff`` times the variance. It is capped at MAX_SPREAD_INFLATION, which
+    it reaches for ``n_eff`` of about 1.02 or less. Series with fewer than two values get 1.
+
+    >>> rng = np.random.default_rng(0)
+    >>> noise = rng.normal(size=(1, 1, 1000))
+    >>> float(np.round(autocorrelation_inflation(noise)[0, 0], 2))
+    1.0
+    >>> walk = np.cumsum(noise, axis=2)
+    >>> float(autocorrelation_inflation(walk)[0, 0]) > 3
+    True
+    """
+    series = np.asarray(series, dtype=np.float64)
+    count = np.sum(~np.isnan(series), axis=2)
+    mean = np.nansum(series, axis=2, keepdims=True) / np.maximum(count, 1)[:, :, None]
+    centred = series - mean
+    later, earlier = centred[:, :, 1:], centred[:, :, :-1]
+    pairs = ~np.isnan(later) & ~np.isnan(earlier)
+    product = np.sum(np.where(pairs, later * earlier, 0.0), axis=2)
+    energy = np.sum(np.where(pairs, earlier**2, 0.0), axis=2)
+    correlation = np.clip(np.where(energy > 0, product / np.where(energy > 0, energy, 1.0), 0.0), 0.0, 1.0)
+    effective = count * (1.0 - correlation) / (1.0 + correlation)
+    inverse = 1.0 / np.maximum(effective, 1.0)
+    factor = np.sqrt((1.0 + inverse) / np.maximum(1.0 - inverse, 1e-12))
+    return np.where(count >= 2, np.minimum(factor, MAX_SPREAD_INFLATION), 1.0)
 
 
 def error_ratio_score(ratio: np.ndarray) -> np.ndarray:
