@@ -60,6 +60,7 @@ FIRING_ANOMALIES = 'ALERTS{alertname="AnomalyDetected", alertstate="firing", %s}
 SCORE_AXIS_MAX = CRITICAL_SCORE + 1
 
 READY_MAPPING = {0: ("Warming up", "orange"), 1: ("Ready", "green")}
+OUTLIER_MAPPING = {0: ("Inlier", "green"), 1: ("Outlier", "orange")}
 UP_MAPPING = {0: ("Down", "red"), 1: ("Up", "green")}
 OK_MAPPING = {0: ("Failing", "red"), 1: ("OK", "green")}
 
@@ -388,8 +389,8 @@ def entity() -> dashboard_builder.Dashboard:
         .with_panel(with_targets(
             _graph(
                 "Contribution per metric",
-                "Share of the score that each input metric contributes (anomaly_contribution_ratio), stacked. "
-                "Only detectors that score several metrics together export it.",
+                "Share of the score that each input metric contributes (anomaly_contribution_ratio, the metric "
+                "in the feature label), stacked. The tenant and equipment detector types export it.",
                 "percentunit",
                 thresholds((None, "green")),
             )
@@ -418,40 +419,74 @@ def entity() -> dashboard_builder.Dashboard:
 
 
 def tenants() -> dashboard_builder.Dashboard:
-    """Build the tenants dashboard: peer groups, peer scores, noisy neighbours and anomaly types."""
+    """Build the tenants dashboard: scores, peer groups, noisy neighbours and anomaly types.
+
+    Every panel except the first reads a family that only the ``tenant`` detector type exports.
+    """
     dashboard = _entity_variables(
         new_dashboard(
             "anomaly-tenants",
             "Anomaly Tenants",
-            "Tenants compared with their peer group: the group of each tenant, its score against the "
-            "group, noisy neighbours on shared nodes and the type of each anomaly.",
+            "Tenants of the tenant detector type: their scores against their own baselines and "
+            "against their peer group, noisy neighbours on shared nodes and the type of each anomaly.",
         ),
         multi=True,
     )
     peer_group = f"max by (detector, entity) (anomaly_peer_group{{{SELECTED}}})"
+    noisy = f"anomaly_noisy_neighbor{{{SELECTED}}} == 1"
 
     dashboard = (
         dashboard.with_row(dashboard_builder.Row("Scores"))
         .with_panel(with_targets(
             _score_graph(
                 "Anomaly score per tenant",
-                "The highest score of each entity against its own baseline.",
+                "The highest score of each entity against its own baseline. For a tenant detector it is the "
+                "largest of its metrics' scores.",
             ).data_links([SERIES_ENTITY_LINK]),
             query(MAX_SCORE, "{{detector}} {{entity}}"),
         ))
         .with_panel(with_targets(
             _score_graph(
-                "Peer score per tenant",
-                "How far each entity deviates from its peer group (anomaly_peer_score), on the scale of "
-                f"anomaly_score: {WARNING_SCORE:g} at the band edge, {CRITICAL_SCORE:g} critical.",
+                "Multivariate score per tenant",
+                "How unusual each tenant's vector of metric deviations is for the IsolationForest that "
+                "the detector shares between all its tenants (anomaly_multivariate_score), on the scale of "
+                f"anomaly_score: {WARNING_SCORE:g} at the warning edge, {CRITICAL_SCORE:g} critical. It "
+                "reacts to moderate deviations of several metrics at once that no single metric's band "
+                "catches. No alert rule reads it.",
             ).data_links([SERIES_ENTITY_LINK]),
-            query(f"max by (detector, entity) (anomaly_peer_score{{{SELECTED}}})", "{{detector}} {{entity}}"),
+            query(f"max by (detector, entity) (anomaly_multivariate_score{{{SELECTED}}})", "{{detector}} {{entity}}"),
         ))
         .with_row(dashboard_builder.Row("Peer groups"))
         .with_panel(with_targets(
+            _score_graph(
+                "Peer score per tenant",
+                "How far each entity's current change from its own typical level deviates from the changes "
+                "of the other tenants in its peer group (anomaly_peer_score), on the scale of "
+                f"anomaly_score: {WARNING_SCORE:g} at the band edge, {CRITICAL_SCORE:g} critical. Tenants in "
+                "a group smaller than the detector's peers.min_group_size have none.",
+            ).data_links([SERIES_ENTITY_LINK]),
+            query(f"max by (detector, entity) (anomaly_peer_score{{{SELECTED}}})", "{{detector}} {{entity}}"),
+        ))
+        .with_panel(with_targets(
+            statetimeline.Panel()
+            .title("Peer outliers")
+            .description(
+                "anomaly_peer_outlier over time: Outlier while the IsolationForest over every tenant's "
+                "deviations from its peer group flags the tenant, Inlier otherwise. It has values for the "
+                "tenants that have a peer score."
+            )
+            .unit("none")
+            .thresholds(thresholds((None, "green"), (1, "orange")))
+            .mappings(value_text(OUTLIER_MAPPING))
+            .height(8)
+            .span(12),
+            query(f"max by (detector, entity) (anomaly_peer_outlier{{{SELECTED}}})", "{{detector}} {{entity}}"),
+        ))
+        .with_panel(with_targets(
             _table(
                 "Peer group per tenant",
-                "The peer group index of each entity (the value of anomaly_peer_group).",
+                "The peer group id of each entity (the value of anomaly_peer_group). A refit keeps the id "
+                "of a group that it finds again.",
                 "none",
                 thresholds((None, "text")),
                 "Peer group",
@@ -478,14 +513,16 @@ def tenants() -> dashboard_builder.Dashboard:
         .with_panel(with_targets(
             _table(
                 "Noisy neighbours now",
-                "Tenants that disturb others on the same node (role noisy) and the tenants they "
-                "affect (role affected). This metric has no detector or entity label, so the "
-                "variables do not filter it.",
+                "Tenants whose load is above their band while their node's CPU or memory utilisation is at or "
+                "above the stress ratio (0.85 by default) and other tenants on the node are degraded (role "
+                "noisy), and those degraded tenants, with latency above or request rate below their band "
+                "(role affected). The tenant column holds the tenant's entity label values. A finding lasts "
+                "while it holds within the detector's noisy_window (30m by default).",
                 "none",
                 thresholds((None, "text")),
                 "Flag",
             ).override_by_name(*override("Flag", {"custom.hidden": True})),
-            query("max by (node, tenant, role) (anomaly_noisy_neighbor == 1)", instant=True, table=True),
+            query(f"max by (node, tenant, role) ({noisy})", instant=True, table=True),
         ))
         .with_panel(with_targets(
             _graph(
@@ -494,13 +531,15 @@ def tenants() -> dashboard_builder.Dashboard:
                 "none",
                 thresholds((None, "green"), (1, "orange")),
             ).min(0).decimals(0),
-            query("count by (node, role) (anomaly_noisy_neighbor == 1)", "{{node}} {{role}}"),
+            query(f"count by (node, role) ({noisy})", "{{node}} {{role}}"),
         ))
         .with_row(dashboard_builder.Row("Anomaly types"))
         .with_panel(with_targets(
             _table(
                 "Current anomaly type per tenant",
-                "The type of each entity's current anomaly (the type label of anomaly_type == 1).",
+                "The type of each entity's current anomaly (the type label of anomaly_type), present while "
+                "its score is at least 1: resource_exhaustion (CPU and memory high), network_spike (network "
+                "in or out high), cpu_spike (CPU high) or behavioural (any other deviation).",
                 "none",
                 thresholds((None, "text")),
                 "Flag",
@@ -536,8 +575,13 @@ def equipment() -> dashboard_builder.Dashboard:
         multi=True,
     )
     machine_score = f"max by (entity) ({MAX_SCORE})"
-    # NOTE: the scale of anomaly_equipment_fault is not defined yet. The fault panels assume the
-    # scale of anomaly_score and color it with the same thresholds.
+    fault_score = f"max by (entity, fault, bearing) (anomaly_equipment_fault{{{SELECTED}}})"
+    fault_scale = (
+        f"on the scale of anomaly_score: {WARNING_SCORE:g} when the amplitude at the fault's order of the shaft "
+        f"speed is 2 baseline standard deviations (of its logarithm) above its healthy mean, {CRITICAL_SCORE:g} "
+        "at 3. The faults are imbalance (1x), misalignment (2x) and, per configured bearing, bearing_outer and "
+        "bearing_inner"
+    )
 
     dashboard = (
         dashboard.with_row(dashboard_builder.Row("Status"))
@@ -572,7 +616,8 @@ def equipment() -> dashboard_builder.Dashboard:
         .with_panel(with_targets(
             _graph(
                 "Sensor contributions",
-                "Share of each machine's score that each sensor contributes (anomaly_contribution_ratio).",
+                "Share of each machine's score that each sensor contributes (anomaly_contribution_ratio, "
+                "the sensor in the feature label). The shares of a machine add up to 1.",
                 "percentunit",
                 thresholds((None, "green")),
             ).min(0).max(1),
@@ -581,10 +626,7 @@ def equipment() -> dashboard_builder.Dashboard:
         .with_panel(with_targets(
             bargauge.Panel()
             .title("Fault scores now")
-            .description(
-                "The current score of each known fault per machine (anomaly_equipment_fault), "
-                f"colored with the anomaly score thresholds {WARNING_SCORE:g} and {CRITICAL_SCORE:g}."
-            )
+            .description(f"The current score of each fault per machine (anomaly_equipment_fault), {fault_scale}.")
             .unit("none")
             .decimals(2)
             .min(0)
@@ -595,15 +637,15 @@ def equipment() -> dashboard_builder.Dashboard:
             .reduce_options(last_value())
             .height(8)
             .span(12),
-            query(f"max by (entity, fault) (anomaly_equipment_fault{{{SELECTED}}})", "{{entity}} {{fault}}",
-                  instant=True),
+            query(fault_score, "{{entity}} {{fault}} {{bearing}}", instant=True),
         ))
         .with_panel(with_targets(
             _score_graph(
                 "Fault scores",
-                "The score of each known fault per machine over time (anomaly_equipment_fault).",
+                f"The score of each fault per machine over time (anomaly_equipment_fault), {fault_scale}. "
+                "EquipmentFault alerts fire on these scores.",
             ).span(24),
-            query(f"max by (entity, fault) (anomaly_equipment_fault{{{SELECTED}}})", "{{entity}} {{fault}}"),
+            query(fault_score, "{{entity}} {{fault}} {{bearing}}"),
         ))
     )
     return dashboard

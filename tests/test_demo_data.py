@@ -1,6 +1,7 @@
 """Tests of the demo data: the NAB loader and the tenant, host and equipment simulator."""
 
 import json
+import re
 import socket
 
 import numpy as np
@@ -9,8 +10,23 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.config import load_config
 from exporter.demo import nab
+from exporter.demo.run import DEMO_CONFIG, TENANT_HISTORY_STEP
 from exporter.demo.simulator import (
+    AFFECTED_TENANTS,
+    BAND_FREQUENCIES_HZ,
+    EQUIPMENT_BAND,
+    NODE_CPU,
+    NOISY_NODE,
+    NOISY_TENANT,
+    TENANT_CPU,
+    TENANT_DETECTOR_METRICS,
+    TENANT_LATENCY,
+    TENANT_MEMORY,
+    TENANT_PODS,
+    TENANT_REQUESTS,
+    TENANTS,
     Anomaly,
     CosineShape,
     LiveServer,
@@ -20,6 +36,9 @@ from exporter.demo.simulator import (
     default_anomalies,
     default_series,
     default_simulator,
+    imbalance,
+    noisy_neighbour_episode,
+    order_band,
 )
 
 NOW = 1_750_000_000.0  # a fixed "now" so the tests do not depend on the clock
@@ -345,7 +364,9 @@ def test_default_scenario_clean_entities():
                for (metric, labels), (_, values) in with_anomalies.items()
                if not np.array_equal(values, clean[(metric, labels)][1])}
     assert changed == {"search", "reports", "h4", "compressor-1", "pump-2"}
-    assert len(default_anomalies(NOW, ongoing=False)) == len(default_anomalies(NOW)) - 1
+    ongoing = [anomaly for anomaly in default_anomalies(NOW) if anomaly.duration is None]
+    assert {anomaly.match["equipment"] for anomaly in ongoing} == {"pump-2"}
+    assert default_anomalies(NOW, ongoing=False) == [a for a in default_anomalies(NOW) if a.duration is not None]
 
 
 def test_daily_and_weekly_cycles():
@@ -357,9 +378,119 @@ def test_daily_and_weekly_cycles():
     assert nightly(np.array([12.0]))[0] < 0.01
 
     simulator = Simulator(default_series())
-    shop = next(spec for spec in simulator.series if spec.labels.get("namespace") == "shop")
+    h1 = next(spec for spec in simulator.series if spec.labels.get("host") == "h1")
     wednesday_noon = pd.Timestamp("2025-06-11 13:00", tz="UTC").timestamp()
     saturday_noon = pd.Timestamp("2025-06-14 13:00", tz="UTC").timestamp()
-    weekday, weekend = simulator.expected(shop, np.array([wednesday_noon, saturday_noon]))
-    assert weekday == pytest.approx(shop.level + shop.daily_amplitude, rel=0.01)
-    assert weekend == pytest.approx(shop.level + shop.daily_amplitude * shop.weekend_factor, rel=0.01)
+    weekday, weekend = simulator.expected(h1, np.array([wednesday_noon, saturday_noon]))
+    assert h1.weekend_factor == 0.5
+    assert weekday == pytest.approx(h1.level + h1.daily_amplitude, rel=0.01)
+    assert weekend == pytest.approx(h1.level + h1.daily_amplitude * h1.weekend_factor, rel=0.01)
+
+
+# --- tenants, nodes and machines for the tenant and equipment detectors --------------------------
+
+
+def series_of(simulator, metric, **labels):
+    return next(spec for spec in simulator.series if spec.metric == metric and all(
+        spec.labels.get(name) == value for name, value in labels.items()))
+
+
+def test_noisy_neighbour_episode_changes():
+    clean = Simulator(default_series())
+    episode = Simulator(default_series(), noisy_neighbour_episode(NOW, 3600))
+    # Samples every 20 minutes over a day, so the episode is checked at every hour of the day.
+    times = NOW + np.arange(-3600, 86400, 1200.0)
+    during = (times >= NOW) & (times < NOW + 3600)
+    changed = set()
+    for spec in clean.series:
+        before, after = clean.values(spec, times), episode.values(spec, times)
+        np.testing.assert_array_equal(after[~during], before[~during])
+        if not np.array_equal(after, before):
+            changed.add((spec.metric, spec.labels.get("namespace") or spec.labels.get("node")))
+    etl_cpu = series_of(clean, TENANT_CPU, namespace=NOISY_TENANT)
+    shop_latency = series_of(clean, TENANT_LATENCY, namespace="shop")
+    shop_requests = series_of(clean, TENANT_REQUESTS, namespace="shop")
+    node_cpu = series_of(clean, NODE_CPU, node=NOISY_NODE)
+
+    assert changed == {
+        (TENANT_CPU, NOISY_TENANT), (TENANT_MEMORY, NOISY_TENANT), (NODE_CPU, NOISY_NODE),
+        *((metric, tenant) for tenant in AFFECTED_TENANTS for metric in (TENANT_LATENCY, TENANT_REQUESTS)),
+    }
+    assert set(AFFECTED_TENANTS) | {NOISY_TENANT} <= {name for name, t in TENANTS.items() if t.node == NOISY_NODE}
+    assert episode.values(node_cpu, times[during]).min() >= 0.85
+    assert clean.values(node_cpu, times).max() < 0.85
+    np.testing.assert_allclose(episode.values(etl_cpu, times[during]) - clean.values(etl_cpu, times[during]),
+                               3.0 * clean.expected(etl_cpu, times[during]))
+    np.testing.assert_allclose(episode.values(shop_latency, times[during]) - clean.values(shop_latency, times[during]),
+                               1.5 * clean.expected(shop_latency, times[during]))
+    np.testing.assert_allclose(clean.values(shop_requests, times[during]) - episode.values(shop_requests, times[during]),
+                               0.5 * clean.expected(shop_requests, times[during]))
+
+
+def test_imbalance_triples_one_band():
+    clean = Simulator(default_series())
+    faulty = Simulator(default_series(), [imbalance("pump-2", NOW)])
+    times = NOW + np.arange(0, 600, 60.0)
+    one_x = f"{order_band('pump-2', 1):g}"
+    changed = [spec for spec in clean.series if not np.array_equal(clean.values(spec, times), faulty.values(spec, times))]
+    assert [(spec.metric, spec.labels) for spec in changed] == [(EQUIPMENT_BAND, {"equipment": "pump-2", "frequency_hz": one_x})]
+    np.testing.assert_allclose(faulty.values(changed[0], times) - clean.values(changed[0], times),
+                               2.0 * clean.expected(changed[0], times))
+
+
+def test_spectrum_peaks_at_shaft_orders():
+    simulator = Simulator(default_series())
+    assert (order_band("pump-1", 1), order_band("pump-1", 2)) == (25.0, 50.0)
+    assert (order_band("compressor-1", 1), order_band("compressor-1", 2)) == (50.0, 100.0)
+    for equipment in ("pump-1", "pump-2", "compressor-1"):
+        level = {frequency: series_of(simulator, EQUIPMENT_BAND, equipment=equipment, frequency_hz=f"{frequency:g}").level
+                 for frequency in BAND_FREQUENCIES_HZ}
+        one_x, two_x = level.pop(order_band(equipment, 1)), level.pop(order_band(equipment, 2))
+        assert one_x > two_x > max(level.values())
+
+
+def test_pods_place_each_tenant_once():
+    simulator = Simulator(default_series())
+    pods = [spec for spec in simulator.series if spec.metric == TENANT_PODS]
+    values = np.concatenate([simulator.values(spec, NOW + np.arange(0, 86400, 300.0)) for spec in pods])
+    assert sorted((spec.labels["namespace"], spec.labels["node"]) for spec in pods) == sorted(
+        (name, tenant.node) for name, tenant in TENANTS.items())
+    np.testing.assert_array_equal(values, np.round(values))
+    assert values.min() >= 1
+
+
+def test_resolution_rounds_values():
+    spec = SeriesSpec("demo_count", {"entity": "a"}, 3.0, 0.0, CosineShape(12), 0.4, resolution=0.5)
+    values = Simulator([spec]).values(spec, NOW + np.arange(0, 3600, 15.0))
+    np.testing.assert_array_equal(values * 2, np.round(values * 2))
+    with pytest.raises(ValueError, match="invalid resolution"):
+        SeriesSpec("demo_count", {"entity": "a"}, 3.0, 0.0, CosineShape(12), 0.4, resolution=0.0)
+
+
+def test_history_metric_steps():
+    simulator = default_simulator(NOW)
+    rows = list(simulator.history(NOW - 600, NOW, 60, job="demo", instance="x", metric_steps={TENANT_CPU: 30}))
+    grids = {metric: timestamps.size for metric, _, timestamps, _ in rows}
+    shop = next(values for metric, labels, _, values in rows if metric == TENANT_CPU and labels["namespace"] == "shop")
+    coarse = history_by_key(simulator, NOW - 600, NOW, 60, instance="x")
+
+    assert grids[TENANT_CPU] == 21
+    assert grids[TENANT_MEMORY] == 11
+    np.testing.assert_array_equal(shop[::2], coarse[(TENANT_CPU, (("instance", "x"), ("job", "demo"), ("namespace", "shop")))][1])
+    with pytest.raises(ValueError, match="invalid step"):
+        list(simulator.history(NOW - 600, NOW, 60, job="demo", instance="x", metric_steps={TENANT_CPU: 0}))
+
+
+def test_demo_config_reads_simulated_metrics():
+    config = load_config(DEMO_CONFIG)
+    detectors = {detector.name: detector for detector in config.detectors}
+    simulated = {spec.metric for spec in default_series()}
+    tenant_metrics = {name for query in detectors["tenants"].queries.values() for name in re.findall(r"demo_\w+", query)}
+    demo_metrics = {name for detector in config.detectors
+                    for query in [detector.query or "", *detector.queries.values()] for name in re.findall(r"demo_\w+", query)}
+
+    assert detectors["tenants"].type == "tenant"
+    assert detectors["equipment"].type == "equipment"
+    assert demo_metrics <= simulated
+    assert tenant_metrics == set(TENANT_DETECTOR_METRICS)
+    assert detectors["tenants"].step == TENANT_HISTORY_STEP

@@ -17,7 +17,15 @@ import requests
 import yaml
 
 from exporter.demo import nab
-from exporter.demo.simulator import LiveServer, default_simulator
+from exporter.demo.simulator import (
+    AFFECTED_TENANTS,
+    NOISY_NODE,
+    NOISY_TENANT,
+    TENANT_DETECTOR_METRICS,
+    LiveServer,
+    default_simulator,
+    noisy_neighbour_episode,
+)
 from exporter.demo.stack import AlertingStack, backfill_series
 from exporter.durations import parse_duration
 from rules.render import RuleParameters, render_rule_groups
@@ -31,6 +39,9 @@ ALERTMANAGER_EXAMPLE = ROOT / "examples" / "alertmanager" / "alertmanager.yml"
 SIMULATOR_JOB = "demo"
 HISTORY_DAYS = 8
 HISTORY_STEP = 60.0
+# The tenant detector's step in examples/demo/exporter.yml. Its metrics get history at this step,
+# because a range query at a shorter step than the samples repeats each sample.
+TENANT_HISTORY_STEP = 30.0
 
 # Alert timing shortened so the demo shows both tiers within minutes; production values are
 # the defaults of rules/render.py.
@@ -39,12 +50,24 @@ DEMO_RULES = RuleParameters(
     warning_for="30s",
     critical_for="2m",
     escalation_window="5m",
+    peer_warning_for="2m",
+    peer_critical_for="1m",
+    noisy_neighbor_for="1m",
+    noisy_neighbor_critical_for="4m",
+    equipment_fault_warning_for="1m",
+    equipment_fault_critical_for="1m",
 )
 
 # When the demo makes host h2's CPU misbehave, relative to the start, and how strongly.
 INJECTION_DELAY = 180.0
 INJECTION_NOISE_UNITS = 14.0
 INJECTION_SECONDS = 600.0
+
+# When the noisy-neighbour episode starts, relative to the start, and how long it lasts. It waits
+# for the tenant detector's first fit too, so that the fit window does not contain it.
+TENANT_DETECTOR = "tenants"
+NOISY_NEIGHBOUR_DELAY = 240.0
+NOISY_NEIGHBOUR_SECONDS = 600.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _history(now: float, live: LiveServer, simulator) -> list:
-    series = list(
-        simulator.history(now - HISTORY_DAYS * 86400, now - HISTORY_STEP, HISTORY_STEP, job=SIMULATOR_JOB, instance=live.target)
-    )
+    series = list(simulator.history(
+        now - HISTORY_DAYS * 86400, now - HISTORY_STEP, HISTORY_STEP, job=SIMULATOR_JOB, instance=live.target,
+        metric_steps=dict.fromkeys(TENANT_DETECTOR_METRICS, TENANT_HISTORY_STEP),
+    ))
     for item in nab.load_all(now - 60.0):
         series.append((item.metric, item.labels, item.timestamps, item.values))
     return series
@@ -84,6 +108,20 @@ def _format_alert(alert: dict) -> str:
     annotations = alert.get("annotations", {})
     text = annotations.get("description") or annotations.get("summary", "")
     return f"{time.strftime('%H:%M:%S')} {status:8} {labels.get('severity', '-'):8} {labels.get('alertname', '?')} {who}\n         {text}"
+
+
+def _has_fitted(metrics_url: str, detector: str) -> bool:
+    """Return True once the exporter's /metrics counts a successful fit of ``detector``."""
+    try:
+        text = requests.get(metrics_url, timeout=5).text
+    except requests.RequestException as error:
+        log.warning("could not read %s: %s", metrics_url, error)
+        return False
+    prefix = f'anomaly_exporter_runs_total{{detector="{detector}",phase="fit",result="success"}} '
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix):]) >= 1
+    return False
 
 
 def _run_summary(metrics_url: str) -> list[str]:
@@ -123,7 +161,7 @@ def run_demo(duration: float, exporter_port: int, keep: bool) -> int:
     try:
         live = LiveServer(simulator)
         processes.append(live)
-        print("backfilling 8 days of simulated tenants, hosts and equipment and 3 NAB series ...")
+        print("backfilling 8 days of simulated tenants, nodes, hosts and equipment and 3 NAB series ...")
         samples = backfill_series(_history(now, live, simulator), work / "tsdb")
         print(f"  {samples} samples written")
 
@@ -140,10 +178,13 @@ def run_demo(duration: float, exporter_port: int, keep: bool) -> int:
         print(f"Prometheus:   {alerting.prometheus.url}")
         print(f"Alertmanager: {alerting.alertmanager.url}")
         print(f"exporter:     {metrics_url}  (log: {log_path})")
-        print(f"running for {duration:g}s; host h2's CPU gets an injected spike after {INJECTION_DELAY:g}s\n")
+        print(f"running for {duration:g}s; host h2's CPU gets an injected spike after {INJECTION_DELAY:g}s, "
+              f"and tenant {NOISY_TENANT} becomes a noisy neighbour on {NOISY_NODE} after "
+              f"{NOISY_NEIGHBOUR_DELAY:g}s\n")
 
         started = time.monotonic()
         injected = False
+        noisy_started = False
         shown = 0
         while time.monotonic() - started < duration:
             if exporter.poll() is not None:
@@ -154,6 +195,13 @@ def run_demo(duration: float, exporter_port: int, keep: bool) -> int:
                             kind="level_shift", magnitude=INJECTION_NOISE_UNITS, duration=INJECTION_SECONDS)
                 print(f"{time.strftime('%H:%M:%S')} injected: host h2 CPU up by {INJECTION_NOISE_UNITS:g} noise units")
                 injected = True
+            if (not noisy_started and time.monotonic() - started >= NOISY_NEIGHBOUR_DELAY
+                    and _has_fitted(metrics_url, TENANT_DETECTOR)):
+                for anomaly in noisy_neighbour_episode(time.time(), NOISY_NEIGHBOUR_SECONDS):
+                    simulator.add_anomaly(anomaly)
+                print(f"{time.strftime('%H:%M:%S')} injected: tenant {NOISY_TENANT} overloads {NOISY_NODE} for "
+                      f"{NOISY_NEIGHBOUR_SECONDS:g}s, degrading {' and '.join(AFFECTED_TENANTS)}")
+                noisy_started = True
             alerts = receiver.alerts()
             for alert in alerts[shown:]:
                 print(_format_alert(alert))

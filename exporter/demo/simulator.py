@@ -14,17 +14,43 @@ The default scenario (``default_series`` and ``default_anomalies``):
 
 | entity | metrics | daily cycle | anomalies |
 |---|---|---|---|
-| tenant ``shop`` | cpu | business hours 08-19, half the daytime rise at weekends | clean |
-| tenant ``billing`` | cpu | business hours 09-17, a fifth of the daytime rise at weekends | clean |
-| tenant ``search`` | cpu | evening peak at 20:00, a quarter higher at weekends | spike, 30 min, 50 h before the reference time |
-| tenant ``reports`` | cpu | nightly job 02-05 | drop to 10 % during the job on the night two days before |
+| tenant ``shop`` (node-1) | tenant metrics | business hours 08-19 | clean; affected in the noisy-neighbour episode |
+| tenant ``checkout`` (node-1) | tenant metrics | business hours 08-19 | clean; affected in the noisy-neighbour episode |
+| tenant ``billing`` (node-2) | tenant metrics | business hours 09-17 | clean |
+| tenant ``accounts`` (node-2) | tenant metrics | business hours 09-17 | clean |
+| tenant ``search`` (node-2) | tenant metrics | evening peak at 20:00 | CPU spike, 30 min, 50 h before the reference time |
+| tenant ``video`` (node-1) | tenant metrics | evening peak at 20:00 | clean |
+| tenant ``chat`` (node-2) | tenant metrics | evening peak at 20:00 | clean |
+| tenant ``reports`` (node-1) | tenant metrics | nightly job 02-05 | CPU drop to 10 % during the job on the night two days before |
+| tenant ``etl`` (node-1) | tenant metrics | nightly job 02-05 | clean; noisy in the noisy-neighbour episode |
+| tenant ``backup`` (node-2) | tenant metrics | nightly job 02-05 | clean |
+| tenant ``analytics`` (node-2) | tenant metrics | nightly job 02-05 | clean |
+| node ``node-1`` | cpu, memory utilisation | business hours 08-19 | CPU at 0.92 or more in the noisy-neighbour episode |
+| node ``node-2`` | cpu, memory utilisation | evening peak at 20:00 | clean |
 | host ``h1`` | cpu, memory | business hours 08-19, half the daytime rise at weekends | clean |
 | host ``h2`` | cpu, memory | broad peak at 14:00 | clean: the end-to-end tests inject into it |
 | host ``h3`` | cpu, memory | nightly batch 01-04 | clean |
 | host ``h4`` | cpu, memory | evening peak at 20:00 | memory level shift for 8 h, 30 h before |
-| equipment ``pump-1`` | temperature, vibration | nearly flat, warmest at 15:00 | clean |
-| equipment ``pump-2`` | temperature, vibration | nearly flat, warmest at 15:00 | vibration level shift from 45 min before, never ending (optional) |
-| equipment ``compressor-1`` | temperature, vibration | nearly flat, warmest at 16:00 | temperature spike, 20 min, 20 h before |
+| equipment ``pump-1`` | machine metrics | nearly flat, warmest at 15:00 | clean |
+| equipment ``pump-2`` | machine metrics | nearly flat, warmest at 15:00 | imbalance from 45 min before, never ending (optional): 1x band amplitude tripled, vibration level shift |
+| equipment ``compressor-1`` | machine metrics | nearly flat, warmest at 16:00 | temperature spike, 20 min, 20 h before |
+
+Tenant metrics are CPU cores, memory bytes, network bytes received and sent per second, requests
+per second, the 95th percentile latency in seconds, and the tenant's pods per node (the
+placement, a whole number). The business-hours and evening tenants serve many fast requests in
+their busy hours, and the batch tenants run a nightly job with few, slower requests. The tenants
+of one daily cycle (business hours, evening peak, nightly job) differ in size but not in shape,
+so that they form a peer group. Node utilisation follows its own daily cycle and is not the sum
+of its tenants' usage. Tenants have no weekly cycle, because the demo's tenant detector fits 3
+days, too short to learn one.
+
+Machine metrics are temperature, vibration RMS, motor current, shaft speed (pumps 1480 rpm, the
+compressor 2960 rpm) and the vibration amplitude of 8 bands from 12.5 Hz to 100 Hz with the
+band's centre in the label ``frequency_hz``. A healthy spectrum peaks at the band of the shaft
+frequency (1x) and less at 2x.
+
+``noisy_neighbour_episode`` builds the noisy-neighbour incident on node-1 for a chosen start,
+which the demo and the dashboard tests place after the exporter's first fit.
 """
 
 from __future__ import annotations
@@ -58,11 +84,24 @@ RESERVED_LABELS = frozenset({"job", "instance"})
 
 METRIC_HELP = {
     "demo_tenant_cpu_cores": "CPU used by a tenant's workloads, in cores (simulated).",
+    "demo_tenant_memory_bytes": "Memory used by a tenant's workloads, in bytes (simulated).",
+    "demo_tenant_network_receive_bytes_per_second": "Network traffic a tenant receives, in bytes per second (simulated).",
+    "demo_tenant_network_transmit_bytes_per_second": "Network traffic a tenant sends, in bytes per second (simulated).",
+    "demo_tenant_requests_per_second": "Requests a tenant's services answer, per second (simulated).",
+    "demo_tenant_request_latency_p95_seconds": "95th percentile of a tenant's request latency, in seconds (simulated).",
+    "demo_tenant_pods": "Pods of a tenant running on a node (simulated).",
+    "demo_node_cpu_utilisation_ratio": "Share of a node's allocatable CPU in use, from 0 to 1 (simulated).",
+    "demo_node_memory_utilisation_ratio": "Share of a node's allocatable memory in use, from 0 to 1 (simulated).",
     "demo_host_cpu_utilisation_ratio": "Share of a host's CPU time in use, from 0 to 1 (simulated).",
     "demo_host_memory_used_bytes": "Memory in use on a host, in bytes (simulated).",
     "demo_equipment_temperature_celsius": "Temperature of a piece of equipment, in degrees Celsius (simulated).",
     "demo_equipment_vibration_rms_mm_per_second": (
         "Root-mean-square vibration velocity of a piece of equipment, in millimetres per second (simulated)."
+    ),
+    "demo_equipment_current_amperes": "Motor current of a piece of equipment, in amperes (simulated).",
+    "demo_equipment_speed_rpm": "Shaft speed of a piece of equipment, in revolutions per minute (simulated).",
+    "demo_equipment_vibration_band_amplitude_mm_per_second": (
+        "Vibration velocity amplitude in the band centred on frequency_hz, in millimetres per second (simulated)."
     ),
 }
 
@@ -142,6 +181,8 @@ class SeriesSpec:
     """Multiplier of the daily amplitude on Saturday and Sunday (UTC): the weekly cycle."""
     minimum: float | None = 0.0
     maximum: float | None = None
+    resolution: float | None = None
+    """Step that values are rounded to after clipping, such as 1 for a count of pods. None keeps them exact."""
 
     def __post_init__(self) -> None:
         if not _METRIC_NAME.match(self.metric):
@@ -155,6 +196,8 @@ class SeriesSpec:
                 )
         if not self.noise > 0:
             raise ValueError(f"invalid noise {self.noise!r} for {self.metric}: expected a positive standard deviation")
+        if self.resolution is not None and not self.resolution > 0:
+            raise ValueError(f"invalid resolution {self.resolution!r} for {self.metric}: expected a positive step or None")
         object.__setattr__(self, "labels", dict(self.labels))
 
     @property
@@ -307,7 +350,10 @@ class Simulator:
                 values = values + anomaly.offsets(spec, timestamps, expected)
         lower = -np.inf if spec.minimum is None else spec.minimum
         upper = np.inf if spec.maximum is None else spec.maximum
-        return np.clip(values, lower, upper)
+        values = np.clip(values, lower, upper)
+        if spec.resolution is not None:
+            values = np.round(values / spec.resolution) * spec.resolution
+        return values
 
     def sample(self, timestamp: float) -> list[tuple[SeriesSpec, float]]:
         """Return every series with its value at one timestamp (what a scrape at that time shows)."""
@@ -315,21 +361,37 @@ class Simulator:
         return [(spec, float(self.values(spec, instant)[0])) for spec in self._series]
 
     def history(
-        self, start: float, end: float, step: float, *, job: str, instance: str
+        self,
+        start: float,
+        end: float,
+        step: float,
+        *,
+        job: str,
+        instance: str,
+        metric_steps: Mapping[str, float] | None = None,
     ) -> Iterator[tuple[str, dict[str, str], np.ndarray, np.ndarray]]:
         """Yield ``(metric, labels, timestamps, values)`` per series on the grid ``start, start + step, ... <= end``.
 
         ``job`` and ``instance`` are added to the labels. Pass the values Prometheus gives the live
         endpoint (its scrape job name and the target's ``host:port``) so that history and scraped
-        samples form one series.
+        samples form one series. ``metric_steps`` maps metric names to a step of their own, for
+        a detector that queries them at a shorter step than ``step``. A range query at a step
+        shorter than the samples' spacing repeats each sample, and a detector would take the
+        repeats for noise-free data.
         """
-        if not step > 0:
-            raise ValueError(f"invalid step {step!r}: expected positive seconds")
+        steps = {**(metric_steps or {})}
+        for value in [step, *steps.values()]:
+            if not value > 0:
+                raise ValueError(f"invalid step {value!r}: expected positive seconds")
         if end < start:
             raise ValueError(f"invalid range: end {end!r} is before start {start!r}")
-        count = int(math.floor((end - start) / step + 1e-9)) + 1
-        timestamps = float(start) + float(step) * np.arange(count)
+        grids: dict[float, np.ndarray] = {}
         for spec in self._series:
+            spec_step = float(steps.get(spec.metric, step))
+            if spec_step not in grids:
+                count = int(math.floor((end - start) / spec_step + 1e-9)) + 1
+                grids[spec_step] = float(start) + spec_step * np.arange(count)
+            timestamps = grids[spec_step]
             labels = {**spec.labels, "job": job, "instance": instance}
             yield spec.metric, labels, timestamps.copy(), self.values(spec, timestamps)
 
@@ -393,17 +455,139 @@ def _standard_normal(key: int, buckets: np.ndarray) -> np.ndarray:
 
 # --- the default scenario ----------------------------------------------------------------------
 
+TENANT_CPU = "demo_tenant_cpu_cores"
+TENANT_MEMORY = "demo_tenant_memory_bytes"
+TENANT_RECEIVE = "demo_tenant_network_receive_bytes_per_second"
+TENANT_TRANSMIT = "demo_tenant_network_transmit_bytes_per_second"
+TENANT_REQUESTS = "demo_tenant_requests_per_second"
+TENANT_LATENCY = "demo_tenant_request_latency_p95_seconds"
+TENANT_PODS = "demo_tenant_pods"
+NODE_CPU = "demo_node_cpu_utilisation_ratio"
+NODE_MEMORY = "demo_node_memory_utilisation_ratio"
+EQUIPMENT_CURRENT = "demo_equipment_current_amperes"
+EQUIPMENT_SPEED = "demo_equipment_speed_rpm"
+EQUIPMENT_BAND = "demo_equipment_vibration_band_amplitude_mm_per_second"
+
+# Metrics that the demo's tenant detector queries.
+TENANT_DETECTOR_METRICS = (
+    TENANT_CPU, TENANT_MEMORY, TENANT_RECEIVE, TENANT_TRANSMIT, TENANT_REQUESTS, TENANT_LATENCY, TENANT_PODS,
+    NODE_CPU, NODE_MEMORY,
+)
+
+# The label of a band amplitude series that contains the band's centre frequency in Hz.
+FREQUENCY_LABEL = "frequency_hz"
+# Centre frequencies of the vibration bands that every machine reports: 12.5 Hz to 100 Hz.
+BAND_FREQUENCIES_HZ = tuple(12.5 * k for k in range(1, 9))
+# Shaft speed of each machine in revolutions per minute.
+SHAFT_SPEED_RPM = {"pump-1": 1480.0, "pump-2": 1480.0, "compressor-1": 2960.0}
+
+
+@dataclass(frozen=True)
+class _Tenant:
+    family: str
+    """``web`` (many short requests in busy hours) or ``batch`` (a nightly job, few requests)."""
+    node: str
+    shape: DailyShape
+    size: float
+    """Multiplier of the family's memory, network, request and pod levels and of their noise."""
+
+
+# Three groups of tenants whose members share a daily cycle, so that each tenant has peers:
+# business hours, an evening peak and a nightly batch job.
+TENANTS = {
+    "shop": _Tenant("web", "node-1", WindowShape(8, 19), 1.0),
+    "checkout": _Tenant("web", "node-1", WindowShape(8, 19), 0.6),
+    "billing": _Tenant("web", "node-2", WindowShape(9, 17), 0.5),
+    "accounts": _Tenant("web", "node-2", WindowShape(9, 17), 0.4),
+    "search": _Tenant("web", "node-2", CosineShape(20), 1.5),
+    "video": _Tenant("web", "node-1", CosineShape(20), 1.0),
+    "chat": _Tenant("web", "node-2", CosineShape(20), 0.8),
+    "reports": _Tenant("batch", "node-1", WindowShape(2, 5), 1.0),
+    "etl": _Tenant("batch", "node-1", WindowShape(2, 5), 1.5),
+    "backup": _Tenant("batch", "node-2", WindowShape(2, 5), 0.8),
+    "analytics": _Tenant("batch", "node-2", WindowShape(2, 5), 1.2),
+}
+
+# (level, daily amplitude, noise) of a tenant of size 1, per family and metric. Latency does not
+# grow with the size.
+_FAMILY_METRICS = {
+    "web": {
+        TENANT_MEMORY: (3 * GIB, 1 * GIB, 48 * MIB),
+        TENANT_RECEIVE: (2e6, 6e6, 1.5e5),
+        TENANT_TRANSMIT: (4e6, 1.2e7, 3e5),
+        TENANT_REQUESTS: (40.0, 160.0, 3.0),
+        TENANT_LATENCY: (0.08, 0.03, 0.004),
+        TENANT_PODS: (2.0, 4.0, 0.3),
+    },
+    "batch": {
+        TENANT_MEMORY: (1 * GIB, 4 * GIB, 64 * MIB),
+        TENANT_RECEIVE: (1e5, 3e6, 1e4),
+        TENANT_TRANSMIT: (5e4, 8e5, 5e3),
+        TENANT_REQUESTS: (2.0, 4.0, 0.2),
+        TENANT_LATENCY: (0.25, 0.2, 0.02),
+        TENANT_PODS: (1.0, 3.0, 0.3),
+    },
+}
+
+# The noisy-neighbour episode: where it happens and whom it involves.
+NOISY_NODE = "node-1"
+NOISY_TENANT = "etl"
+AFFECTED_TENANTS = ("shop", "checkout")
+# Noise of node-1's CPU utilisation, and how far the episode lifts it: from its usual range of
+# 0.40 to 0.55 to at least 0.92, above the noisy-neighbour search's default stress ratio of 0.85.
+NODE_CPU_NOISE = 0.02
+NOISY_NODE_CPU_OFFSET = 0.52
+
 
 def default_series() -> list[SeriesSpec]:
-    """Build the default tenants, hosts and equipment described in the module docstring."""
+    """Build the default tenants, nodes, hosts and equipment described in the module docstring."""
+    return _tenant_series() + _node_series() + _host_series() + _equipment_series()
+
+
+def _tenant_series() -> list[SeriesSpec]:
+    tenants = TENANTS
+    series = [
+        # CPU cores used by each namespace.
+        SeriesSpec(TENANT_CPU, {"namespace": "shop"}, 2.0, 6.0, tenants["shop"].shape, 0.25),
+        SeriesSpec(TENANT_CPU, {"namespace": "billing"}, 1.0, 1.5, tenants["billing"].shape, 0.1),
+        SeriesSpec(TENANT_CPU, {"namespace": "search"}, 3.0, 4.0, tenants["search"].shape, 0.3),
+        SeriesSpec(TENANT_CPU, {"namespace": "reports"}, 0.5, 5.0, tenants["reports"].shape, 0.15),
+        SeriesSpec(TENANT_CPU, {"namespace": "checkout"}, 1.0, 3.0, tenants["checkout"].shape, 0.12),
+        SeriesSpec(TENANT_CPU, {"namespace": "accounts"}, 0.6, 0.9, tenants["accounts"].shape, 0.06),
+        SeriesSpec(TENANT_CPU, {"namespace": "video"}, 2.0, 2.7, tenants["video"].shape, 0.2),
+        SeriesSpec(TENANT_CPU, {"namespace": "chat"}, 1.5, 2.0, tenants["chat"].shape, 0.15),
+        SeriesSpec(TENANT_CPU, {"namespace": "etl"}, 0.4, 4.0, tenants["etl"].shape, 0.12),
+        SeriesSpec(TENANT_CPU, {"namespace": "backup"}, 0.2, 2.0, tenants["backup"].shape, 0.06),
+        SeriesSpec(TENANT_CPU, {"namespace": "analytics"}, 0.3, 3.0, tenants["analytics"].shape, 0.09),
+    ]
+    for namespace, tenant in tenants.items():
+        for metric, (level, amplitude, noise) in _FAMILY_METRICS[tenant.family].items():
+            scale = 1.0 if metric == TENANT_LATENCY else tenant.size
+            labels = {"namespace": namespace}
+            options = {}
+            if metric == TENANT_PODS:
+                labels["node"] = tenant.node
+                options = {"minimum": 1.0, "resolution": 1.0}
+            series.append(SeriesSpec(metric, labels, scale * level, scale * amplitude, tenant.shape, scale * noise, **options))
+    return series
+
+
+def _node_series() -> list[SeriesSpec]:
+    # Each node follows its own daily cycle: it is not the sum of its tenants' usage.
+    return [
+        SeriesSpec(NODE_CPU, {"node": "node-1"}, 0.40, 0.15, WindowShape(8, 19), NODE_CPU_NOISE,
+                   weekend_factor=0.5, maximum=1.0),
+        SeriesSpec(NODE_MEMORY, {"node": "node-1"}, 0.55, 0.08, WindowShape(8, 19), 0.01,
+                   weekend_factor=0.5, maximum=1.0),
+        SeriesSpec(NODE_CPU, {"node": "node-2"}, 0.30, 0.20, CosineShape(20), NODE_CPU_NOISE, maximum=1.0),
+        SeriesSpec(NODE_MEMORY, {"node": "node-2"}, 0.50, 0.10, CosineShape(20), 0.01, maximum=1.0),
+    ]
+
+
+def _host_series() -> list[SeriesSpec]:
     business = WindowShape(8, 19)
     return [
-        # Tenants: CPU cores used by each namespace.
-        SeriesSpec("demo_tenant_cpu_cores", {"namespace": "shop"}, 2.0, 6.0, business, 0.25, weekend_factor=0.5),
-        SeriesSpec("demo_tenant_cpu_cores", {"namespace": "billing"}, 1.0, 1.5, WindowShape(9, 17), 0.1, weekend_factor=0.2),
-        SeriesSpec("demo_tenant_cpu_cores", {"namespace": "search"}, 3.0, 4.0, CosineShape(20), 0.3, weekend_factor=1.25),
-        SeriesSpec("demo_tenant_cpu_cores", {"namespace": "reports"}, 0.5, 5.0, WindowShape(2, 5), 0.15),
-        # Hosts: CPU as a ratio of the host's capacity and memory in bytes.
+        # CPU as a ratio of the host's capacity and memory in bytes.
         SeriesSpec("demo_host_cpu_utilisation_ratio", {"host": "h1"}, 0.20, 0.35, business, 0.02, weekend_factor=0.5, maximum=1.0),
         SeriesSpec("demo_host_memory_used_bytes", {"host": "h1"}, 6 * GIB, 1.5 * GIB, business, 64 * MIB, weekend_factor=0.5),
         SeriesSpec("demo_host_cpu_utilisation_ratio", {"host": "h2"}, 0.30, 0.25, CosineShape(14), 0.02, maximum=1.0),
@@ -412,7 +596,12 @@ def default_series() -> list[SeriesSpec]:
         SeriesSpec("demo_host_memory_used_bytes", {"host": "h3"}, 4 * GIB, 8.0 * GIB, WindowShape(1, 4), 96 * MIB),
         SeriesSpec("demo_host_cpu_utilisation_ratio", {"host": "h4"}, 0.25, 0.15, CosineShape(20), 0.02, maximum=1.0),
         SeriesSpec("demo_host_memory_used_bytes", {"host": "h4"}, 12 * GIB, 0.5 * GIB, CosineShape(20), 96 * MIB),
-        # Equipment: nearly flat readings that follow the ambient temperature a little.
+    ]
+
+
+def _equipment_series() -> list[SeriesSpec]:
+    # Nearly flat readings that follow the ambient temperature a little.
+    series = [
         SeriesSpec("demo_equipment_temperature_celsius", {"equipment": "pump-1"}, 55.0, 1.5, CosineShape(15), 0.3, minimum=None),
         SeriesSpec("demo_equipment_vibration_rms_mm_per_second", {"equipment": "pump-1"}, 2.8, 0.1, CosineShape(15), 0.08),
         SeriesSpec("demo_equipment_temperature_celsius", {"equipment": "pump-2"}, 58.0, 1.5, CosineShape(15), 0.3, minimum=None),
@@ -420,20 +609,75 @@ def default_series() -> list[SeriesSpec]:
         SeriesSpec("demo_equipment_temperature_celsius", {"equipment": "compressor-1"}, 71.0, 2.0, CosineShape(16), 0.4, minimum=None),
         SeriesSpec("demo_equipment_vibration_rms_mm_per_second", {"equipment": "compressor-1"}, 4.5, 0.2, CosineShape(16), 0.12),
     ]
+    # (ambient peak hour, motor current level and noise in amperes, amplitude of the 1x band in mm/s)
+    machines = {"pump-1": (15, 16.0, 0.15, 1.1), "pump-2": (15, 16.5, 0.15, 1.2), "compressor-1": (16, 38.0, 0.3, 1.6)}
+    for name, (peak_hour, current, current_noise, one_x) in machines.items():
+        labels = {"equipment": name}
+        speed = SHAFT_SPEED_RPM[name]
+        series.append(SeriesSpec(EQUIPMENT_CURRENT, labels, current, 0.04 * current, CosineShape(peak_hour), current_noise))
+        series.append(SeriesSpec(EQUIPMENT_SPEED, labels, speed, 0.0, CosineShape(peak_hour), 0.002 * speed))
+        # A healthy spectrum: a peak at the shaft frequency (1x), a smaller one at 2x and a low floor.
+        peaks = {order_band(name, 1): one_x, order_band(name, 2): 0.3 * one_x}
+        for frequency in BAND_FREQUENCIES_HZ:
+            amplitude = peaks.get(frequency, 0.05)
+            series.append(SeriesSpec(
+                EQUIPMENT_BAND, {**labels, FREQUENCY_LABEL: f"{frequency:g}"}, amplitude, 0.0,
+                CosineShape(peak_hour), 0.04 * amplitude,
+            ))
+    return series
+
+
+def order_band(equipment: str, order: float) -> float:
+    """Return the band centre in Hz nearest to ``order`` times the shaft frequency of ``equipment``."""
+    shaft_hz = SHAFT_SPEED_RPM[equipment] / 60.0
+    return min(BAND_FREQUENCIES_HZ, key=lambda frequency: abs(frequency - order * shaft_hz))
+
+
+def imbalance(equipment: str, start: float, duration: float | None = None, *, magnitude: float = 2.0) -> Anomaly:
+    """Build an imbalance of ``equipment``: its 1x band amplitude grows by ``magnitude`` times its usual value.
+
+    The default magnitude triples the amplitude, which the equipment detector's fault signature
+    ``imbalance`` scores far above 2.
+    """
+    match = {"equipment": equipment, FREQUENCY_LABEL: f"{order_band(equipment, 1):g}"}
+    return Anomaly(match, start, duration, "level_shift", magnitude, unit="relative", metric=EQUIPMENT_BAND)
+
+
+def noisy_neighbour_episode(start: float, duration: float | None = 1200.0) -> list[Anomaly]:
+    """Build a noisy-neighbour incident on ``NOISY_NODE`` from ``start`` for ``duration`` seconds (None: no end).
+
+    ``NOISY_TENANT`` uses 4 times its usual CPU and twice its usual memory, the node's CPU
+    utilisation rises to 0.92 or more, and the two ``AFFECTED_TENANTS`` on the node serve half
+    their usual requests with 2.5 times their usual latency. The offsets are relative to the
+    value without noise, so the episode looks alike at any hour.
+    """
+    anomalies = [
+        Anomaly({"namespace": NOISY_TENANT}, start, duration, "level_shift", 3.0, unit="relative", metric=TENANT_CPU),
+        Anomaly({"namespace": NOISY_TENANT}, start, duration, "level_shift", 1.0, unit="relative", metric=TENANT_MEMORY),
+        Anomaly({"node": NOISY_NODE}, start, duration, "level_shift", NOISY_NODE_CPU_OFFSET / NODE_CPU_NOISE, metric=NODE_CPU),
+    ]
+    for tenant in AFFECTED_TENANTS:
+        anomalies.append(Anomaly(
+            {"namespace": tenant}, start, duration, "level_shift", 1.5, unit="relative", metric=TENANT_LATENCY,
+        ))
+        anomalies.append(Anomaly({"namespace": tenant}, start, duration, "drop", 0.5, unit="relative", metric=TENANT_REQUESTS))
+    return anomalies
 
 
 def default_anomalies(reference_time: float, *, ongoing: bool = True) -> list[Anomaly]:
     """Build the default scenario's anomalies, placed relative to ``reference_time`` (usually the end of history).
 
-    With ``ongoing`` the vibration of ``pump-2`` shifts up 45 minutes before ``reference_time``
-    and stays up, so its live values are anomalous too. The other anomalies end before it.
+    With ``ongoing``, ``pump-2`` gets an imbalance 45 minutes before ``reference_time`` that
+    never ends: its 1x band amplitude triples and its vibration RMS shifts up, so its live values
+    are anomalous too. The other anomalies end before it. The noisy-neighbour episode is not part
+    of this list: ``noisy_neighbour_episode`` places it after the exporter's first fit.
     """
     hour = 3600.0
     # Put the failed nightly job of "reports" at 02:00 UTC on the day two days before the reference.
     reports_night = math.floor((reference_time - 2 * SECONDS_PER_DAY) / SECONDS_PER_DAY) * SECONDS_PER_DAY + 2 * hour
     anomalies = [
-        Anomaly({"namespace": "search"}, reference_time - 50 * hour, 30 * 60, "spike", 8.0),
-        Anomaly({"namespace": "reports"}, reports_night, 3 * hour, "drop", 0.9, unit="relative"),
+        Anomaly({"namespace": "search"}, reference_time - 50 * hour, 30 * 60, "spike", 8.0, metric=TENANT_CPU),
+        Anomaly({"namespace": "reports"}, reports_night, 3 * hour, "drop", 0.9, unit="relative", metric=TENANT_CPU),
         Anomaly({"host": "h4"}, reference_time - 30 * hour, 8 * hour, "level_shift", 10.0, metric="demo_host_memory_used_bytes"),
         Anomaly(
             {"equipment": "compressor-1"}, reference_time - 20 * hour, 20 * 60, "spike", 12.0,
@@ -441,12 +685,14 @@ def default_anomalies(reference_time: float, *, ongoing: bool = True) -> list[An
         ),
     ]
     if ongoing:
+        fault_start = reference_time - 45 * 60
         anomalies.append(
             Anomaly(
-                {"equipment": "pump-2"}, reference_time - 45 * 60, None, "level_shift", 8.0,
+                {"equipment": "pump-2"}, fault_start, None, "level_shift", 8.0,
                 metric="demo_equipment_vibration_rms_mm_per_second",
             )
         )
+        anomalies.append(imbalance("pump-2", fault_start))
     return anomalies
 
 
