@@ -11,6 +11,8 @@ when a spectrum is configured, ``detectors._vibration.FaultSignatures``. Query k
 """
 
 import copy
+import math
+import warnings
 from typing import ClassVar
 
 import numpy as np
@@ -18,17 +20,19 @@ from pydantic import ConfigDict, Field
 
 from detectors._vibration import FaultSignatureParams, FaultSignatures
 from detectors.base import STATE_FORMAT_VERSION, StateError
-from detectors.equipment import EquipmentDetector, EquipmentParams
+from detectors.equipment import MIN_WINDOW_SAMPLES, EquipmentDetector, EquipmentParams
 from detectors.multi import (
     EntityResult,
     MultiInput,
     MultiQueryDetector,
+    Problem,
     QuerySpec,
     Sample,
     last_sample_columns,
     prefixed,
     unprefixed,
 )
+from exporter.durations import format_duration, parse_duration
 
 SPEED_KEY = "speed"
 SPECTRUM_KEY = "spectrum"
@@ -51,24 +55,64 @@ class EquipmentTypeDetector(MultiQueryDetector):
 
     Params = EquipmentTypeParams
     type_name: ClassVar[str] = "equipment"
+    output_labels: ClassVar[tuple[str, ...]] = ("feature", "fault", "bearing")
 
     @classmethod
-    def check_keys(cls, keys: list[str], params: EquipmentTypeParams) -> list[str]:
-        problems = []
-        if not [key for key in keys if key not in (SPEED_KEY, SPECTRUM_KEY)]:
-            problems.append("no sensor key: set at least one query per sensor, such as temperature or vibration")
+    def check_settings(
+        cls, keys: list[str], params: EquipmentTypeParams, *, entity_labels: list[str], step: float, fit_window: float
+    ) -> list[Problem]:
+        problems: list[Problem] = []
+        sensors = [key for key in keys if key not in (SPEED_KEY, SPECTRUM_KEY)]
+        if not sensors:
+            problems.append((("queries",), "no sensor key: set at least one query per sensor, such as "
+                             "temperature: max by (equipment) (pump_motor_temperature_celsius)"))
         if params.faults is not None:
             if SPECTRUM_KEY not in keys:
-                problems.append("params.faults is set but the spectrum query is missing: add queries.spectrum")
+                problems.append((("params", "faults"), "params.faults is set but the spectrum query is missing: "
+                                 "add queries.spectrum"))
             if SPEED_KEY not in keys and params.faults.running_speed_rpm is None:
-                problems.append("params.faults needs the shaft speed: add queries.speed or set faults.running_speed_rpm")
-        elif SPECTRUM_KEY in keys:
-            problems.append("queries.spectrum is set but params.faults is not: configure the faults to score")
-        return problems
+                problems.append((("params", "faults"), "params.faults needs the shaft speed: add queries.speed or "
+                                 "set faults.running_speed_rpm"))
+        else:
+            for key in (SPECTRUM_KEY, SPEED_KEY):
+                if key in keys:
+                    problems.append((("queries", key), f"queries.{key} is set but params.faults is not, and only the "
+                                     f"fault signatures read the {key}: configure params.faults or remove the query"))
+        if SPECTRUM_KEY in keys and params.frequency_label in entity_labels:
+            problems.append((("params", "frequency_label"), f"frequency label {params.frequency_label!r} is also an "
+                             "entity label: set params.frequency_label to the label of the spectrum series that "
+                             "contains the band's frequency in Hz"))
+        for name in params.vibration_sensors:
+            if name not in sensors:
+                problems.append((("params", "vibration_sensors"), f"vibration sensor {name!r} has no query: add "
+                                 f"queries.{name} or remove it from params.vibration_sensors"))
+        return problems + cls._window_problems(params, step, fit_window)
+
+    @staticmethod
+    def _window_problems(params: EquipmentTypeParams, step: float, fit_window: float) -> list[Problem]:
+        """Check the feature window against the step and the fit window against min_history."""
+        window_samples = int(round(parse_duration(params.window) / step))
+        if window_samples < MIN_WINDOW_SAMPLES:
+            return [(("params", "window"), f"window {params.window!r} holds {window_samples} samples at step "
+                     f"{format_duration(step)}: expected at least {MIN_WINDOW_SAMPLES}, so set at least "
+                     f"{format_duration(MIN_WINDOW_SAMPLES * step)}")]
+        try:
+            EquipmentDetector(params, step=step)
+        except ValueError as error:
+            return [(("params",), str(error))]
+        history = (int(math.floor(fit_window / step + 1e-9)) + 1) * step
+        if history < parse_duration(params.min_history):
+            return [(("fit_window",), f"fit_window {format_duration(fit_window)} holds {format_duration(history)} of "
+                     f"samples at step {format_duration(step)}, less than params.min_history {params.min_history}, so "
+                     "no machine could ever be scored: lengthen fit_window or lower params.min_history")]
+        return []
 
     def query_spec(self, key: str) -> QuerySpec:
         if key == SPECTRUM_KEY:
-            return QuerySpec(entity=True, labels=(self.params.frequency_label,))
+            label = self.params.frequency_label
+            return QuerySpec(entity=True, labels=(label,), numeric_labels=(label,), scored=False)
+        if key == SPEED_KEY:
+            return QuerySpec(entity=True, scored=False)
         return QuerySpec(entity=True)
 
     @property
@@ -105,14 +149,47 @@ class EquipmentTypeDetector(MultiQueryDetector):
             for row, (e, s) in enumerate(zip(self.model_.row_entity_, self.model_.row_sensor_))
         }
         self.fitted_until_ = float(data.timestamps[-1])
+        self.fit_warnings_ = []
+        if not self.ready_.any():
+            self.fit_warnings_.append(
+                f"no machine has params.min_history ({self.params.min_history}) of samples in the fit window, so "
+                "none is scored until a later fit: wait for more history or lower params.min_history"
+            )
         self.faults_ = None
         if self.params.faults is not None:
-            spectra = self._spectra(data, None)
-            if spectra is not None:
-                entities_, frequencies, cube, speed = spectra
-                self.faults_ = FaultSignatures(self.params.faults).fit(cube, frequencies, speed)
-                self.fault_entities_, self.frequencies_ = entities_, frequencies
+            self._fit_faults(data)
         return self
+
+    def _fit_faults(self, data: MultiInput) -> None:
+        spectra = self._spectra(data, None)
+        if spectra is None:
+            self.fit_warnings_.append(
+                f"the spectrum query returned no band with a numeric {self.params.frequency_label} label for the "
+                "machines: no fault signature is scored until a later fit finds some"
+            )
+            return
+        entities, frequencies, cube, speed = spectra
+        # An order above the highest band has no amplitude anywhere, which numpy warns about.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            self.faults_ = FaultSignatures(self.params.faults).fit(cube, frequencies, speed)
+        self.fault_entities_, self.frequencies_ = entities, frequencies
+        never = np.all(np.isnan(self.faults_.log_mean_), axis=0)
+        if never.all():
+            self.fit_warnings_.append(
+                "no fault order had an amplitude in the fit window, so no fault is scored: check that the speed is "
+                f"above 0 in faults.speed_unit ({self.params.faults.speed_unit}) and that the spectrum reaches 1x the "
+                "shaft speed"
+            )
+            return
+        for (fault, bearing, order), skipped in zip(self.faults_.orders, never):
+            if not skipped:
+                continue
+            name = f"{fault} of bearing {bearing!r}" if bearing else fault
+            self.fit_warnings_.append(
+                f"fault {name} (order {order:g}) is not scored: at the fitted speeds its frequency lies above the "
+                f"spectrum's highest band, {frequencies[-1]:g} Hz, so add bands up to the order times the shaft speed"
+            )
 
     def _spectra(self, data: MultiInput, fitted: tuple[list[str], np.ndarray] | None):
         """Return (entities, frequencies, spectra (entities, time, bins), speed or None), or None without data."""

@@ -24,10 +24,16 @@ class QuerySpec:
     ``entity``: each series belongs to an entity and must carry all the entity labels.
     ``labels``: further labels each series must carry, kept for the type (for example
     ``node``); series without them are dropped and counted.
+    ``numeric_labels``: those of ``labels`` whose values must be finite numbers of at least 0,
+    such as a band's frequency. Series with other values are dropped and counted.
+    ``scored``: the type reports the entities of this key. An entity seen only in keys
+    without it (placement, speed) gets no result, so it never shows as warming.
     """
 
     entity: bool = True
     labels: tuple[str, ...] = ()
+    numeric_labels: tuple[str, ...] = ()
+    scored: bool = True
 
 
 @dataclass
@@ -83,17 +89,26 @@ class EntityResult:
     samples: tuple[Sample, ...] = field(default=())
 
 
+# A configuration problem: the key path below the detector, such as ("queries", "gpu"), and the message.
+Problem = tuple[tuple[str | int, ...], str]
+
+
 class MultiQueryDetector:
     """Base class of multi-query types; learned attributes end with ``_``.
 
-    Subclasses set ``Params`` and ``type_name``, implement ``query_spec``, ``check_keys``,
-    ``fit``, ``score``, ``get_state`` and ``set_state``, and set ``fitted_until_`` and
-    ``ready_`` (one flag per entity of the fit).
+    Subclasses set ``Params``, ``type_name`` and ``output_labels``, implement ``query_spec``,
+    ``check_settings``, ``fit``, ``score``, ``get_state`` and ``set_state``, and set
+    ``fitted_until_`` and ``ready_`` (one flag per entity of the fit). ``fit`` may append
+    messages for the operator to ``fit_warnings_``.
     """
 
     Params: ClassVar[type[BaseModel]]
     type_name: ClassVar[str]
     multi_query: ClassVar[bool] = True
+    output_labels: ClassVar[tuple[str, ...]] = ()
+    """Labels the type adds to some of its series, so no entity or static label may use them."""
+
+    fit_warnings_: list[str]
 
     def __init__(self, params: BaseModel, *, step: float, timezone: str = "UTC", direction: str = "both"):
         self.params = params
@@ -102,8 +117,14 @@ class MultiQueryDetector:
         self.direction = direction
 
     @classmethod
-    def check_keys(cls, keys: list[str], params: BaseModel) -> list[str]:
-        """Return one problem per unusable query key (empty when the keys are fine)."""
+    def check_settings(
+        cls, keys: list[str], params: BaseModel, *, entity_labels: list[str], step: float, fit_window: float
+    ) -> list[Problem]:
+        """Return the problems of a detector's query keys and settings (empty when they can work).
+
+        ``step`` and ``fit_window`` are in seconds. The checks cover what can be known
+        before the first query, such as a fit window too short for the type's calibration.
+        """
         raise NotImplementedError
 
     def query_spec(self, key: str) -> QuerySpec:
@@ -129,6 +150,18 @@ class MultiQueryDetector:
     def scoring_copy(self) -> "MultiQueryDetector":
         """Return a copy that can score without changing this model's running state."""
         return copy.deepcopy(self)
+
+    @property
+    def recent_seconds(self) -> float:
+        """Newest stretch of data the type keeps between score runs, such as a search window; 0 for none."""
+        return 0.0
+
+    def copy_recent_from(self, scored: "MultiQueryDetector") -> None:
+        """Take over the recent-data buffers of a copy that scored the newest data of the fit.
+
+        A fresh fit starts with empty buffers, so a window search would otherwise see only
+        the columns scored since the fit. The fitted baselines stay as they are.
+        """
 
 
 def last_sample_columns(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

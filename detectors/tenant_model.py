@@ -12,6 +12,7 @@ and the multivariate signal), ``detectors.peers`` (peer groups and peer scores) 
 The noisy-neighbour search runs when ``placement`` and a node utilisation key are set.
 """
 
+import math
 from typing import ClassVar
 
 import numpy as np
@@ -22,6 +23,7 @@ from detectors.multi import (
     EntityResult,
     MultiInput,
     MultiQueryDetector,
+    Problem,
     QuerySpec,
     Sample,
     last_sample_columns,
@@ -30,11 +32,33 @@ from detectors.multi import (
 )
 from detectors.noisy_neighbor import NoisyNeighborParams, find_noisy_neighbors
 from detectors.peers import PeerGroups, PeerParams, current_vectors, profile_features
-from detectors.tenant import ANOMALY_TYPES, METRICS, TenantDetector, TenantParams, classify_anomalies, to_cube
-from exporter.durations import parse_duration
+from detectors.tenant import (
+    ANOMALY_TYPES,
+    METRICS,
+    MIN_CALIBRATION_COLUMNS,
+    TenantDetector,
+    TenantParams,
+    classify_anomalies,
+    to_cube,
+)
+from exporter.durations import format_duration, parse_duration
 
 NODE_KEYS = ("node_cpu", "node_memory")
 PLACEMENT_KEY = "placement"
+
+# Node utilisation above this is no ratio from 0 to 1 (most likely a percentage), so a fit warns.
+MAX_PLAUSIBLE_UTILISATION = 1.5
+
+# TenantDetector.fit rejects fewer residual vectors than this in the held-out calibration part.
+MIN_CALIBRATION_VECTORS = 2 * MIN_CALIBRATION_COLUMNS
+
+
+def held_out_columns(params: TenantParams, step: float, columns: int) -> int:
+    """Return the newest columns of a fit window that the fit holds out for calibration.
+
+    It mirrors ``TenantDetector.fit``: ``params.calibration`` but at most a quarter of the window.
+    """
+    return min(int(round(parse_duration(params.calibration) / step)), columns // 4)
 
 
 class TenantTypeParams(TenantParams):
@@ -70,29 +94,62 @@ class TenantTypeDetector(MultiQueryDetector):
 
     Params = TenantTypeParams
     type_name: ClassVar[str] = "tenant"
+    output_labels: ClassVar[tuple[str, ...]] = ("feature", "type", "node", "tenant", "role")
 
     @classmethod
-    def check_keys(cls, keys: list[str], params: TenantTypeParams) -> list[str]:
+    def check_settings(
+        cls, keys: list[str], params: TenantTypeParams, *, entity_labels: list[str], step: float, fit_window: float
+    ) -> list[Problem]:
         known = set(METRICS) | set(NODE_KEYS) | {PLACEMENT_KEY}
-        problems = [
-            f"unknown key {key!r} for the tenant type: expected metric keys ({', '.join(METRICS)}), "
-            f"node keys ({', '.join(NODE_KEYS)}) or {PLACEMENT_KEY}"
+        problems: list[Problem] = [
+            (("queries", key), f"unknown key {key!r} for the tenant type: expected metric keys ({', '.join(METRICS)}), "
+             f"node keys ({', '.join(NODE_KEYS)}) or {PLACEMENT_KEY}")
             for key in keys if key not in known
         ]
         if not any(key in METRICS for key in keys):
-            problems.append(f"no metric key: set at least one of {', '.join(METRICS)}")
+            problems.append((("queries",), f"no metric key: set at least one of {', '.join(METRICS)}, such as "
+                             "cpu: sum by (namespace) (rate(container_cpu_usage_seconds_total[5m]))"))
         has_node = any(key in NODE_KEYS for key in keys)
         if has_node != (PLACEMENT_KEY in keys):
-            problems.append(
-                "the noisy-neighbour search needs both placement and node_cpu or node_memory: set both or neither"
-            )
-        return problems
+            problems.append((("queries",), "the noisy-neighbour search needs both placement and node_cpu or "
+                             "node_memory: set both or neither"))
+        if (has_node or PLACEMENT_KEY in keys) and params.node_label in entity_labels:
+            problems.append((("params", "node_label"), f"node label {params.node_label!r} is also an entity label: "
+                             "set params.node_label to the label that names the node in the node_cpu, node_memory "
+                             "and placement queries"))
+        return problems + cls._window_problems(params, step, fit_window)
+
+    @staticmethod
+    def _window_problems(params: TenantTypeParams, step: float, fit_window: float) -> list[Problem]:
+        """Check that the fit window leaves both the calibration part and min_history of baseline data."""
+        columns = int(math.floor(fit_window / step + 1e-9)) + 1
+        calibration_columns = int(round(parse_duration(params.calibration) / step))
+        if calibration_columns < MIN_CALIBRATION_COLUMNS:
+            return [(("params", "calibration"), f"calibration {params.calibration!r} is {calibration_columns} steps of "
+                     f"{format_duration(step)}: the multivariate model needs at least {MIN_CALIBRATION_COLUMNS} "
+                     f"held-out steps, so set at least {format_duration(MIN_CALIBRATION_COLUMNS * step)}")]
+        if columns // 4 < MIN_CALIBRATION_COLUMNS:
+            shortest = (4 * MIN_CALIBRATION_COLUMNS - 1) * step
+            return [(("fit_window",), f"fit_window {format_duration(fit_window)} is {columns} points at step "
+                     f"{format_duration(step)}: the tenant type holds out at most a quarter of them to calibrate, "
+                     f"and needs at least {MIN_CALIBRATION_COLUMNS}, so set fit_window to at least {format_duration(shortest)}")]
+        need = math.ceil(parse_duration(params.seasonal.min_history) / step - 1e-9)
+        baseline = columns - held_out_columns(params, step, columns)
+        if baseline >= need:
+            return []
+        enough = columns
+        while enough - held_out_columns(params, step, enough) < need:
+            enough += 1
+        return [(("fit_window",), f"the baselines fit on fit_window {format_duration(fit_window)} minus its held-out "
+                 f"calibration part, {format_duration(baseline * step)} of data, less than params.seasonal.min_history "
+                 f"{params.seasonal.min_history}, so no tenant could ever be scored: set fit_window to at least "
+                 f"{format_duration((enough - 1) * step)}, or lower seasonal.min_history or params.calibration")]
 
     def query_spec(self, key: str) -> QuerySpec:
         if key in NODE_KEYS:
-            return QuerySpec(entity=False, labels=(self.params.node_label,))
+            return QuerySpec(entity=False, labels=(self.params.node_label,), scored=False)
         if key == PLACEMENT_KEY:
-            return QuerySpec(entity=True, labels=(self.params.node_label,))
+            return QuerySpec(entity=True, labels=(self.params.node_label,), scored=False)
         return QuerySpec(entity=True)
 
     # --- fit -----------------------------------------------------------------------------------
@@ -110,6 +167,8 @@ class TenantTypeDetector(MultiQueryDetector):
         values, tenants, metrics = self._metric_rows(data)
         if not tenants:
             raise ValueError("the metric queries returned no series: nothing to fit")
+        self._check_history(values, tenants, data.timestamps)
+        self.fit_warnings_ = self._node_warnings(data)
         self.baseline_ = TenantDetector(self.params, step=self.step, timezone=self.timezone)
         self.baseline_.fit(values, data.timestamps, tenants=tenants, metrics=metrics)
         self.tenants_ = self.baseline_.tenants_
@@ -126,6 +185,73 @@ class TenantTypeDetector(MultiQueryDetector):
             self.peers_ = PeerGroups(self.params.peers).fit(profiles, self.tenants_, previous=old)
         self._reset_buffers()
         return self
+
+    def _check_history(self, values: np.ndarray, tenants: list[str], timestamps: np.ndarray) -> None:
+        """Raise ValueError, saying what is missing, when the data cannot train the multivariate model.
+
+        The baselines of ``TenantDetector`` fit on the window without its held-out part and are
+        ready only with ``seasonal.min_history`` of samples there. The multivariate model then
+        needs enough (tenant, time) vectors with a ready metric in the held-out part.
+        """
+        columns = timestamps.size
+        held_out = held_out_columns(self.params, self.step, columns)
+        if held_out < MIN_CALIBRATION_COLUMNS:
+            raise ValueError(
+                f"the fit window has {columns} points at step {format_duration(self.step)}: the calibration part, "
+                f"params.calibration but at most a quarter of them, needs at least {MIN_CALIBRATION_COLUMNS}, "
+                f"so lengthen fit_window to at least {format_duration((4 * MIN_CALIBRATION_COLUMNS - 1) * self.step)}"
+            )
+        cut = columns - held_out
+        history = np.count_nonzero(~np.isnan(values[:, :cut]), axis=1) * self.step
+        min_history = self.params.seasonal.min_history
+        ready = history >= parse_duration(min_history)
+        part = f"the held-out calibration part, the newest {format_duration(held_out * self.step)} of the fit window"
+        if not ready.any():
+            raise ValueError(
+                f"no tenant metric has params.seasonal.min_history ({min_history}) of samples before {part}; "
+                f"the longest has {format_duration(float(history.max(initial=0.0)))}. The query API may not hold "
+                "that much history yet: wait for it, or lower seasonal.min_history or params.calibration"
+            )
+        present = ready[:, None] & ~np.isnan(values[:, cut:])
+        tenant_ids = {name: index for index, name in enumerate(dict.fromkeys(tenants))}
+        rows = np.array([tenant_ids[name] for name in tenants])
+        per_tenant = np.zeros((len(tenant_ids), held_out), dtype=bool)
+        np.logical_or.at(per_tenant, rows, present)
+        vectors = int(np.count_nonzero(per_tenant))
+        if vectors < MIN_CALIBRATION_VECTORS:
+            raise ValueError(
+                f"{part} has {vectors} (tenant, time) samples with a ready baseline, and the multivariate model "
+                f"needs at least {MIN_CALIBRATION_VECTORS}: wait for more data, or lengthen params.calibration"
+            )
+
+    def _node_warnings(self, data: MultiInput) -> list[str]:
+        """Describe node utilisation series that are no ratio from 0 to 1."""
+        warnings = []
+        for key in NODE_KEYS:
+            panel = data.panel(key)
+            if not np.any(np.isfinite(panel.values)):
+                continue
+            peak = np.fmax.reduce(panel.values, axis=1)
+            row = int(np.nanargmax(peak))
+            if peak[row] > MAX_PLAUSIBLE_UTILISATION:
+                node = panel.labels[row][self.params.node_label]
+                warnings.append(
+                    f"query {key} reaches {peak[row]:g} on node {node!r}: expected utilisation from 0 to 1, so "
+                    "divide a percentage by 100; until then the noisy-neighbour search counts the node as stressed"
+                )
+        return warnings
+
+    @property
+    def recent_seconds(self) -> float:
+        return max(parse_duration(self.params.peer_window), parse_duration(self.params.noisy_window))
+
+    def copy_recent_from(self, scored: MultiQueryDetector) -> None:
+        self.recent_raw_ = scored.recent_raw_
+        self.recent_signed_ = scored.recent_signed_
+        self.recent_time_ = scored.recent_time_
+        self.recent_nodes_ = scored.recent_nodes_
+        if hasattr(scored, "placement_"):
+            self.placement_ = scored.placement_
 
     def _reset_buffers(self) -> None:
         n_tenants, n_metrics = len(self.tenants_), len(self.baseline_.metrics_)
@@ -163,7 +289,7 @@ class TenantTypeDetector(MultiQueryDetector):
         ready = self.ready_
         has_data = ~np.all(np.isnan(raw), axis=1)  # (tenants, time)
         last, any_data = last_sample_columns(np.where(has_data, 0.0, np.nan))
-        bands = self._bands_by_tenant(result, tenants, metrics, fitted_rows)
+        bands = self._bands_by_tenant(result, values, tenants, metrics, fitted_rows)
 
         output = []
         for t, tenant in enumerate(self.tenants_):
@@ -201,13 +327,17 @@ class TenantTypeDetector(MultiQueryDetector):
                 output.append(EntityResult(tenant, float(timestamps[last_row[any_row].max()]), False, np.nan))
         return output
 
-    def _bands_by_tenant(self, result, tenants, metrics, fitted_rows) -> dict:
-        """Map (tenant, metric, column) to its expected value and band for the newest column of each row."""
+    def _bands_by_tenant(self, result, values, tenants, metrics, fitted_rows) -> dict:
+        """Map (tenant, metric, column) to its expected value and band at the newest sample of each row.
+
+        The baseline also has values at grid points without a sample, so the newest column of
+        ``expected`` alone can lie after the point a tenant's result is for.
+        """
         bands = {}
         metric_index = {name: m for m, name in enumerate(result.metrics)}
         tenant_index = {name: t for t, name in enumerate(self.tenants_)}
         series = result.series
-        last, any_row = last_sample_columns(series.expected)
+        last, any_row = last_sample_columns(np.where(np.isnan(values), np.nan, series.expected))
         for row in np.flatnonzero(any_row & (fitted_rows >= 0)):
             column = last[row]
             key = (tenant_index[tenants[row]], metric_index[metrics[row]], column)

@@ -136,7 +136,10 @@ class Exporter:
         for suffix in (":fit", ":score"):
             if self.scheduler.get_job(name + suffix):
                 self.scheduler.remove_job(name + suffix)
-        self.jobs.pop(name, None)
+        job = self.jobs.pop(name, None)
+        if job is not None:
+            # A run in progress goes on in its worker thread; retired, it neither saves nor counts.
+            job.retire()
         self.metrics.forget_detector(name)
 
     # Reload -----------------------------------------------------------------------

@@ -42,9 +42,6 @@ MAX_INTERVAL_SECONDS = 366 * 86400.0
 # Labels the exporter adds to every anomaly series; an input or static label may not use them.
 RESERVED_LABELS = ("detector", "entity")
 
-# Labels that multi-query types add to some of their series (feature, peer and fault families).
-MULTI_QUERY_LABELS = ("feature", "type", "node", "tenant", "role", "fault", "bearing")
-
 # The default port is unassigned in the Prometheus default port allocations wiki page.
 DEFAULT_LISTEN_ADDRESS = "0.0.0.0:9847"
 
@@ -56,6 +53,15 @@ class ConfigError(Exception):
         self.source = source
         self.problems = problems
         super().__init__(f"invalid configuration in {source}:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def key_problems(problems: list[tuple[tuple, str]]) -> PydanticCustomError:
+    """Return one validation error that parse_config reports as a line per (key path, message) pair.
+
+    Key paths are relative to the location of the failing field or model.
+    """
+    summary = "; ".join(f"{'.'.join(map(str, path))}: {message}" if path else message for path, message in problems)
+    return PydanticCustomError("key_problems", "{summary}", {"summary": summary, "problems": problems})
 
 
 def _seconds(value: Any) -> float:
@@ -192,14 +198,32 @@ class DetectorConfig(_Strict):
             raise ValueError(f"invalid detector name {name!r}: use letters, digits, _ , : or -, starting with a letter or _")
         return name
 
-    @field_validator("queries")
+    @field_validator("queries", mode="before")
     @classmethod
-    def _query_keys(cls, queries: dict[str, str]) -> dict[str, str]:
+    def _query_mapping(cls, queries: Any) -> Any:
+        """Check the names and PromQL strings of ``queries`` and report every bad entry at its key."""
+        if queries is None:
+            return {}  # an empty ``queries:`` in YAML; the type then reports the missing keys
+        if not isinstance(queries, dict):
+            raise ValueError(
+                "expected a mapping of query names to PromQL, such as "
+                "{cpu: 'sum by (namespace) (rate(container_cpu_usage_seconds_total[5m]))'}"
+            )
+        problems = []
         for key, query in queries.items():
-            if not LABEL_NAME.match(key):
-                raise ValueError(f"invalid query key {key!r}: expected [a-zA-Z_][a-zA-Z0-9_]*")
-            if not isinstance(query, str) or not query.strip():
-                raise ValueError(f"query {key!r} is empty: expected a PromQL expression")
+            if not isinstance(key, str):
+                problems.append(((str(key),), f"query name {key!r} is not a string: YAML reads "
+                                 "unquoted true, false, on, off, yes, no, null and numbers as such, so quote the name"))
+            elif not LABEL_NAME.match(key):
+                problems.append(((key,), f"invalid query name {key!r}: expected letters, digits and _, not starting "
+                                 "with a digit"))
+            elif not isinstance(query, str):
+                problems.append(((key,), f"query {key!r} is {query!r}, not a string: expected a PromQL expression "
+                                 "(quote it in YAML when it starts with [ or { or contains ': ' or ' #')"))
+            elif not query.strip():
+                problems.append(((key,), f"query {key!r} is empty: expected a PromQL expression"))
+        if problems:
+            raise key_problems(problems)
         return queries
 
     @model_validator(mode="after")
@@ -207,35 +231,54 @@ class DetectorConfig(_Strict):
         if self.type not in detector_type_names():
             return self  # the type error is reported on its own
         if is_multi_query(self.type):
-            if self.query is not None or not self.queries:
-                raise ValueError(
-                    f"type {self.type!r} reads several queries: set queries (a mapping of names to PromQL) instead of query"
-                )
-            if not self.entity_labels:
-                raise ValueError(f"type {self.type!r} needs entity_labels, the labels that name a {self.type}")
-            if self.counter:
-                raise ValueError(f"counter is not supported by type {self.type!r}: wrap each counter query in rate()")
-            taken = sorted(set(self.entity_labels + list(self.labels)) & set(MULTI_QUERY_LABELS))
-            if taken:
-                raise ValueError(
-                    f"label {taken[0]!r} is set by type {self.type!r} on some of its series: "
-                    "rename it in the queries (label_replace) and in entity_labels or labels"
-                )
-            if self.type == "tenant" and self.direction != "both":
-                raise ValueError("direction must be 'both' for the tenant type: set a side per metric in params.directions")
-            try:
-                params = self.typed_params()
-            except ValidationError:
-                return self  # parse_config reports params errors with their key paths
-            problems = detector_class(self.type).check_keys(list(self.queries), params)
+            problems = self._multi_query_problems()
             if problems:
-                raise ValueError("; ".join(problems))
+                raise key_problems(problems)
         elif self.query is None and not self.queries:
             # parse_config reports this one as the missing key detectors[i].query.
             raise PydanticCustomError("missing_query", "required key is missing")
         elif self.queries:
             raise ValueError(f"type {self.type!r} reads one query: set query (a PromQL expression), not queries")
         return self
+
+    def _multi_query_problems(self) -> list[tuple[tuple, str]]:
+        """Return the problems of a tenant or equipment detector, each with its key path below the detector."""
+        detector_type = detector_class(self.type)
+        problems = []
+
+        if self.query is not None:
+            problems.append((("query",), f"type {self.type!r} reads several queries: move the PromQL into queries "
+                             "(a mapping of names to PromQL) and remove query"))
+        if not self.entity_labels:
+            problems.append((("entity_labels",), f"type {self.type!r} needs entity_labels, the labels that name a "
+                             f"{self.type}, such as [namespace] or [equipment]"))
+        if self.counter:
+            problems.append((("counter",), f"counter is not supported by type {self.type!r}: remove it and wrap "
+                             "each counter query in rate()"))
+        if self.type == "tenant" and self.direction != "both":
+            problems.append((("direction",), "direction must be 'both' for the tenant type: remove it and set a "
+                             "side per metric in params.directions"))
+
+        type_labels = detector_type.output_labels
+        for name in self.entity_labels:
+            if name in type_labels:
+                problems.append((("entity_labels",), f"label {name!r} is set by type {self.type!r} on some of its "
+                                 "series: rename it in the queries (label_replace) and in entity_labels"))
+        for name in self.labels:
+            if name in type_labels:
+                problems.append((("labels", name), f"label {name!r} is set by type {self.type!r} on some of its "
+                                 "series: choose another static label name"))
+            elif name in self.entity_labels:
+                problems.append((("labels", name), f"static label {name!r} would replace the entity label of every "
+                                 "series, so all of them would name one entity: choose another name"))
+
+        try:
+            params = self.typed_params()
+        except ValidationError:
+            return problems  # parse_config reports params errors with their key paths
+        return problems + detector_type.check_settings(
+            list(self.queries), params, entity_labels=self.entity_labels, step=self.step, fit_window=self.fit_window
+        )
 
     @field_validator("entity_labels")
     @classmethod
@@ -428,17 +471,31 @@ def _unknown_key(location: tuple, root: type[BaseModel]) -> str:
     return f"unknown key; valid keys here: {', '.join(valid)}"
 
 
+def _describe_all(error: dict, detectors: list, prefix: tuple = (), root: type[BaseModel] | None = None) -> list[str]:
+    """Turn one pydantic error into its lines; a ``key_problems`` error has one line per key."""
+    if error["type"] != "key_problems":
+        return [_describe(error, detectors, prefix, root)]
+    location = tuple(prefix) + tuple(error["loc"])
+    return [f"{_path_with_name(location + tuple(path), detectors)}: {message}" for path, message in error["ctx"]["problems"]]
+
+
+def _path_with_name(location: tuple, detectors: list) -> str:
+    """Return the key path of ``location``, followed by the detector's name where it has one."""
+    path = _key_path(location)
+    if location[:1] == ("detectors",) and len(location) > 1 and isinstance(location[1], int):
+        index = location[1]
+        if index < len(detectors) and isinstance(detectors[index], dict) and "name" in detectors[index]:
+            path += f" (detector {detectors[index]['name']!r})"
+    return path
+
+
 def _describe(error: dict, detectors: list, prefix: tuple = (), root: type[BaseModel] | None = None) -> str:
     """Turn one pydantic error into a line; ``prefix`` is the path of ``root`` inside the file."""
     root = root or Config
     location = tuple(prefix) + tuple(error["loc"])
     if error["type"] == "missing_query":
         location += ("query",)
-    path = _key_path(location)
-    if location[:1] == ("detectors",) and len(location) > 1 and isinstance(location[1], int):
-        index = location[1]
-        if index < len(detectors) and isinstance(detectors[index], dict) and "name" in detectors[index]:
-            path += f" (detector {detectors[index]['name']!r})"
+    path = _path_with_name(location, detectors)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{path}: {_unknown_key(_clean_location(tuple(error['loc'])), root)}"
@@ -478,7 +535,8 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as error:
-        problems = [_describe(e, detectors) for e in error.errors() if e["type"] != "duplicate_detector_name"]
+        problems = [line for e in error.errors() if e["type"] != "duplicate_detector_name"
+                    for line in _describe_all(e, detectors)]
         raise ConfigError(source, problems + duplicates) from None
 
     problems = []

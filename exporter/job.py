@@ -7,15 +7,18 @@ is swapped in whole when it is ready.
 """
 
 import copy
+import hashlib
 import logging
 import math
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
 from detectors import detector_class
 from detectors.base import StateError
@@ -98,6 +101,7 @@ class DetectorJob:
         self._fingerprint = config.fingerprint()
         self._detector_type = detector_class(config.type)
         self._params = config.typed_params()
+        self._retired = False
         # Children start at 0 so that increase() in the alert rules detects a first failure.
         for phase in ("fit", "score"):
             for result in ("success", "failure"):
@@ -106,6 +110,16 @@ class DetectorJob:
     @property
     def name(self) -> str:
         return self.config.name
+
+    def retire(self) -> None:
+        """Stop saving state and updating self-metrics, for a job that a reload removed or replaced.
+
+        A run still in progress then finishes without overwriting the state file of the job
+        that replaced it. Its counters go to a registry that /metrics does not serve, so the
+        metrics of a removed detector do not come back.
+        """
+        self._retired = True
+        self.metrics = SelfMetrics(CollectorRegistry())
 
     # Model state ------------------------------------------------------------------
 
@@ -147,6 +161,8 @@ class DetectorJob:
         self.metrics.model_age.labels(self.name).set_function(lambda m=model: max(0.0, self.clock() - m.fitted_until_))
 
     def _save(self, model, keys: list[tuple]) -> None:
+        if self._retired:
+            return
         arrays, detector_meta = model.get_state()
         meta = {
             "fingerprint": self._fingerprint,
@@ -438,22 +454,26 @@ class MultiQueryJob(DetectorJob):
     (``QuerySpec``), so series of different queries about one entity line up. Results are
     per entity: a score and further samples (bands per feature, contributions, peer groups,
     noisy neighbours, anomaly types, fault scores).
+
+    Fit and score runs run in different threads. ``_entity_lock`` guards the two mappings
+    both change: the label values of each entity and the latest result per entity.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._specs = {key: self.new_detector().query_spec(key) for key in self.config.queries}
         self._entity_labels: dict[str, dict[str, str]] = {}
+        self._entity_lock = threading.Lock()
 
     def entity_id(self, labels: dict[str, str]) -> str:
         return ",".join(f"{name}={labels.get(name, '')}" for name in self.config.entity_labels)
 
     # Model state ------------------------------------------------------------------
 
-    def _model_path(self, temporary: bool = False) -> Path | None:
+    def _model_path(self) -> Path | None:
         if self.store.directory is None:
             return None
-        return self.store.directory / (f".{self.name}.tmp.keras" if temporary else f"{self.name}.keras")
+        return self.store.directory / f"{self.name}.keras"
 
     def load_state(self) -> bool:
         loaded = self.store.load(self.name)
@@ -466,38 +486,50 @@ class MultiQueryJob(DetectorJob):
         try:
             model = self.new_detector()
             model_path = self._model_path() if model.needs_model_file else None
-            if model_path is not None and not model_path.is_file():
-                raise StateError(f"the model file {model_path} is missing")
+            if model_path is not None:
+                _check_model_file(model_path, meta.get("model_file_sha256"))
             model.set_state(arrays, meta["detector"], model_path=model_path)
-            entity_labels = {self.entity_id(labels): dict(labels) for labels in meta["entities"]}
+            entity_labels = {self.entity_id(labels): _string_labels(labels) for labels in meta["entities"]}
         except (StateError, KeyError, TypeError, AttributeError, ValueError, IndexError, OverflowError, OSError) as error:
             log.error("detector=%s saved state is incompatible, refitting: %s", self.name, error)
             return False
         except Exception as error:  # noqa: BLE001 - a damaged Keras file raises many kinds of errors
             log.error("detector=%s saved model cannot be loaded, refitting: %s", self.name, error)
             return False
-        self._entity_labels.update(entity_labels)
+        with self._entity_lock:
+            self._entity_labels.update(entity_labels)
         self._install(model, [])
         log.info("detector=%s loaded saved model of %d entities fitted until %s", self.name,
                  int(model.ready_.size), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(model.fitted_until_)))
         return True
 
     def _save(self, model, keys: list[tuple]) -> None:
-        if self.store.directory is None:
+        """Save the model; a Keras file goes beside the archive, which records its SHA-256.
+
+        The archive is renamed into place before the Keras file. Whatever step a crash or a
+        concurrent save interrupts, a loaded archive whose hash does not match the Keras file
+        beside it is refitted instead of scoring with another fit's network.
+        """
+        if self.store.directory is None or self._retired:
             return
-        temporary = self._model_path(temporary=True) if model.needs_model_file else None
+        temporary = None
+        if model.needs_model_file:
+            temporary = self.store.directory / f".{self.name}.{uuid.uuid4().hex}.tmp.keras"
         try:
             arrays, detector_meta = model.get_state(model_path=temporary)
-            meta = {
-                "fingerprint": self._fingerprint,
-                "detector": detector_meta,
-                "entities": list(self._entity_labels.values()),
-            }
+            with self._entity_lock:
+                entities = list(self._entity_labels.values())
+            meta = {"fingerprint": self._fingerprint, "detector": detector_meta, "entities": entities}
+            if temporary is not None:
+                meta["model_file_sha256"] = _sha256(temporary)
             self.store.save(self.name, arrays, meta)
             if temporary is not None:
                 os.replace(temporary, self._model_path())
         except OSError as error:
             log.error("detector=%s could not save its model to %s: %s", self.name, self.store.directory, error)
+        finally:
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
 
     # Runs ---------------------------------------------------------------------------
 
@@ -506,9 +538,15 @@ class MultiQueryJob(DetectorJob):
 
         step = self.config.step
         timestamps = grid(start, end, step)
-        panels = {}
+        panels, labels = {}, {}
         for key, promql in self.config.queries.items():
-            panel = self.source.query_range(promql, start, end, step)
+            # The source's messages do not say which of the detector's queries failed.
+            try:
+                panel = self.source.query_range(promql, start, end, step)
+            except QueryError as error:
+                raise QueryError(f"query {key!r}: {error}") from None
+            except SourceUnavailable as error:
+                raise SourceUnavailable(f"query {key!r}: {error}") from None
             if panel.non_finite_points:
                 self.metrics.non_finite.labels(self.name).inc(panel.non_finite_points)
             if panel.duplicate_series:
@@ -522,20 +560,35 @@ class MultiQueryJob(DetectorJob):
                 self._empty_phases.add(topic)
             else:
                 self._empty_phases.discard(topic)
-            panels[key] = self._project(key, panel, timestamps.size)
-        return MultiInput(timestamps=timestamps, panels=panels, entity_labels=dict(self._entity_labels))
+            panels[key] = self._project(key, panel, timestamps.size, labels)
+        panels = self._cap_entities(panels, phase)
+        with self._entity_lock:
+            for panel in panels.values():
+                for entity in panel.entities:
+                    if entity:
+                        self._entity_labels.setdefault(entity, labels[entity])
+            entity_labels = dict(self._entity_labels)
+        return MultiInput(timestamps=timestamps, panels=panels, entity_labels=entity_labels)
 
-    def _project(self, key: str, panel: Panel, width: int) -> QueryPanel:
-        """Reduce each series to its entity id and the labels the type needs; drop what does not fit."""
+    def _project(self, key: str, panel: Panel, width: int, entity_labels: dict[str, dict[str, str]]) -> QueryPanel:
+        """Reduce each series to its entity id and the labels the type needs; drop what does not fit.
+
+        The label values of every entity kept go into ``entity_labels``.
+        """
         spec = self._specs[key]
         needed = list(self.config.entity_labels if spec.entity else ()) + list(spec.labels)
         rows, entities, kept_labels, seen = [], [], [], set()
         missing = duplicates = 0
+        invalid: list[str] = []
         for index, labels in enumerate(panel.labels):
             if not all(name in labels for name in needed):
                 missing += 1
                 continue
             if spec.entity and not self.shard.owns(labels, self.config.entity_labels):
+                continue
+            bad = [labels[name] for name in spec.numeric_labels if not _is_non_negative_number(labels[name])]
+            if bad:
+                invalid += bad
                 continue
             entity = self.entity_id(labels) if spec.entity else ""
             projected = {name: labels[name] for name in spec.labels}
@@ -545,7 +598,7 @@ class MultiQueryJob(DetectorJob):
                 continue
             seen.add(identity)
             if spec.entity:
-                self._entity_labels.setdefault(entity, {name: labels[name] for name in self.config.entity_labels})
+                entity_labels.setdefault(entity, {name: labels[name] for name in self.config.entity_labels})
             rows.append(index)
             entities.append(entity)
             kept_labels.append(projected)
@@ -559,33 +612,49 @@ class MultiQueryJob(DetectorJob):
             self._log_repeated(logging.WARNING, f"duplicate:{key}",
                                "detector=%s dropped %d series of query %r that repeat an entity: aggregate the "
                                "query by %s, for example with sum by (...)", self.name, duplicates, key, needed)
-        if spec.entity and len(set(entities)) > self.config.max_series:
-            allowed = set(sorted(set(entities))[: self.config.max_series])
-            over = len(set(entities)) - len(allowed)
-            keep = [i for i, entity in enumerate(entities) if entity in allowed]
-            rows, entities, kept_labels = [rows[i] for i in keep], [entities[i] for i in keep], [kept_labels[i] for i in keep]
-            self.metrics.dropped.labels(self.name, "max_series").inc(over)
-            self._log_repeated(logging.WARNING, f"max_series:{key}",
-                               "detector=%s query %r returned %d entities more than max_series=%d; dropped them",
-                               self.name, key, over, self.config.max_series)
+        if invalid:
+            self.metrics.dropped.labels(self.name, "invalid_label").inc(len(invalid))
+            self._log_repeated(logging.WARNING, f"invalid_label:{key}",
+                               "detector=%s dropped %d series of query %r whose label %s is not a number of at "
+                               "least 0, such as %s: rewrite the values in the query with label_replace",
+                               self.name, len(invalid), key, " or ".join(spec.numeric_labels),
+                               ", ".join(repr(value) for value in sorted(set(invalid))[:3]))
         values = panel.values[rows] if rows else np.empty((0, width))
         return QueryPanel(values, entities, kept_labels)
+
+    def _cap_entities(self, panels: dict[str, QueryPanel], phase: str) -> dict[str, QueryPanel]:
+        """Keep the first max_series entities, in label order, of the keys the type scores, in every key."""
+        scored = {entity for key, panel in panels.items() if self._specs[key].scored for entity in panel.entities}
+        scored.discard("")
+        if len(scored) <= self.config.max_series:
+            return panels
+        allowed = set(sorted(scored)[: self.config.max_series])
+        over = len(scored) - len(allowed)
+        self.metrics.dropped.labels(self.name, "max_series").inc(over)
+        self._log_repeated(logging.WARNING, "max_series",
+                           "detector=%s %s queries returned %d entities more than max_series=%d; dropped them",
+                           self.name, phase, over, self.config.max_series)
+        capped = {}
+        for key, panel in panels.items():
+            if not self._specs[key].entity:
+                capped[key] = panel
+                continue
+            keep = [row for row, entity in enumerate(panel.entities) if entity in allowed]
+            capped[key] = QueryPanel(panel.values[keep], [panel.entities[row] for row in keep],
+                                     [panel.labels[row] for row in keep])
+        return capped
 
     def fit(self) -> None:
         started = time.monotonic()
         try:
             end = self._aligned_end()
             data = self.query(end - self.config.fit_window, end, "fit")
-            # Forget the labels of entities that left both the fit window and the results.
-            current = {entity for panel in data.panels.values() for entity in panel.entities}
-            current |= {key[0] for key in self._latest}
-            self._entity_labels = {entity: labels for entity, labels in self._entity_labels.items() if entity in current}
+            self._forget_entities(data)
             with self._swap_lock:
                 previous = self._model
             model = self.new_detector().fit(data, previous=previous)
             self._save(model, [])
-            self._install(model, [])
-            self._score_fit_tail_multi(model, data, end)
+            self._install_and_score_tail(model, data, end)
         except (QueryError, SourceUnavailable, JobError, ValueError, StateError, ImportError) as error:
             self._failed("fit", started, error)
             return
@@ -595,22 +664,42 @@ class MultiQueryJob(DetectorJob):
         finally:
             self.metrics.source_up.set(1 if self.source.up else 0)
         self._succeeded("fit", started)
+        for warning in getattr(model, "fit_warnings_", ()):
+            self._log_repeated(logging.WARNING, f"fit warning:{warning}", "detector=%s %s", self.name, warning)
         ready = model.ready_
         log.info("detector=%s fit %d entities (%d ready) on %d points each in %.2fs", self.name, ready.size,
                  int(np.count_nonzero(ready)), data.timestamps.size, time.monotonic() - started)
 
-    def _score_fit_tail_multi(self, model, data: MultiInput, end: float) -> None:
-        recent = data.timestamps >= end - self.config.stale_seconds
-        if not recent.any():
-            return
-        tail = MultiInput(
-            timestamps=data.timestamps[recent],
-            panels={key: QueryPanel(panel.values[:, recent], panel.entities, panel.labels)
-                    for key, panel in data.panels.items()},
-            entity_labels=data.entity_labels,
-        )
+    def _forget_entities(self, data: MultiInput) -> None:
+        """Forget the labels of entities that left both the fit window and the latest results."""
+        current = {entity for panel in data.panels.values() for entity in panel.entities}
+        with self._entity_lock:
+            current |= {key[0] for key in self._latest}
+            self._entity_labels = {entity: labels for entity, labels in self._entity_labels.items() if entity in current}
+
+    def _install_and_score_tail(self, model, data: MultiInput, end: float) -> None:
+        """Swap in a new model and publish the results of the newest points of its fit data.
+
+        A copy scores the tail, so the installed model stays equal to the saved one. The tail
+        covers the type's recent-data windows too, and the model takes over the copy's
+        buffers of them, so a window search such as the noisy-neighbour one does not start
+        empty after every fit. The score lock keeps score runs off the model until then.
+        """
+        recent = data.timestamps >= end - max(self.config.stale_seconds, model.recent_seconds)
+        scorer = model.scoring_copy() if recent.any() else None
         with self._score_lock:
-            self._store_results(model.scoring_copy().score(tail))
+            self._install(model, [])
+            if scorer is None:
+                return
+            tail = MultiInput(
+                timestamps=data.timestamps[recent],
+                panels={key: QueryPanel(panel.values[:, recent], panel.entities, panel.labels)
+                        for key, panel in data.panels.items()},
+                entity_labels=data.entity_labels,
+            )
+            results = scorer.score(tail)
+            model.copy_recent_from(scorer)
+            self._store_results(results)
             self._last_scored = max(self._last_scored or end, end)
             self._publish()
 
@@ -647,10 +736,10 @@ class MultiQueryJob(DetectorJob):
         log.info("detector=%s scored %d entities: %s", self.name, len(results), states)
 
     def _warming(self, data: MultiInput) -> list[EntityResult]:
-        """Results before the first fit: every entity with data is warming."""
+        """Results before the first fit: every entity with data in a scored key is warming."""
         latest: dict[str, float] = {}
         for key, panel in data.panels.items():
-            if not self._specs[key].entity:
+            if not (self._specs[key].entity and self._specs[key].scored):
                 continue
             for row, entity in enumerate(panel.entities):
                 present = np.flatnonzero(~np.isnan(panel.values[row]))
@@ -659,13 +748,49 @@ class MultiQueryJob(DetectorJob):
         return [EntityResult(entity, when, False, np.nan) for entity, when in latest.items()]
 
     def _store_results(self, results: list[EntityResult]) -> None:
-        for result in results:
-            labels = self._entity_labels.get(result.entity)
-            if labels is None:
-                continue
-            self._latest[(result.entity,)] = (
-                result.sample_time, result.score, np.nan, np.nan, np.nan, result.ready, labels, result.samples,
-            )
+        with self._entity_lock:
+            for result in results:
+                labels = self._entity_labels.get(result.entity)
+                if labels is None:
+                    continue
+                self._latest[(result.entity,)] = (
+                    result.sample_time, result.score, np.nan, np.nan, np.nan, result.ready, labels, result.samples,
+                )
+
+    def _publish(self) -> Snapshot:
+        with self._entity_lock:
+            return super()._publish()
+
+
+def _is_non_negative_number(text: str) -> bool:
+    try:
+        number = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(number) and number >= 0
+
+
+def _string_labels(labels: dict) -> dict[str, str]:
+    """Return saved entity labels, raising TypeError unless every name and value is a string."""
+    if not all(isinstance(name, str) and isinstance(value, str) for name, value in labels.items()):
+        raise TypeError(f"saved entity labels {labels!r} are not all strings")
+    return dict(labels)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_model_file(path: Path, expected: str | None) -> None:
+    """Raise StateError unless ``path`` exists and has the SHA-256 the saved archive recorded."""
+    if not path.is_file():
+        raise StateError(f"the model file {path} is missing")
+    if expected is None or _sha256(path) != expected:
+        raise StateError(f"the model file {path} belongs to another fit than the saved state")
 
 
 def make_job(config: DetectorConfig, *args, **kwargs) -> DetectorJob:

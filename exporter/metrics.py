@@ -78,7 +78,7 @@ class SelfMetrics:
         )
         self.dropped = Counter(
             "anomaly_exporter_series_dropped",
-            "Input series dropped by reason (max_series, missing_entity_label, duplicate, label_collision).",
+            "Input series dropped by reason (max_series, missing_entity_label, duplicate, label_collision, invalid_label).",
             ["detector", "reason"],
             registry=registry,
         )
@@ -178,7 +178,7 @@ class AnomalyCollector(Collector):
                 if snapshot.extra:
                     for sample in snapshot.extra[index]:
                         family = families.get(sample.family) or extra.setdefault(
-                            sample.family, GaugeMetricFamily(sample.family, EXTRA_FAMILIES[sample.family]))
+                            sample.family, GaugeMetricFamily(sample.family, EXTRA_FAMILIES.get(sample.family, "")))
                         _add(family, {**labels, **dict(sample.labels)}, sample.value)
         yield from families.values()
         yield ready

@@ -320,7 +320,7 @@ def _config(**detector):
 @pytest.mark.parametrize(
     ("detector", "expected"),
     [
-        ({"queries": {}, "query": "x"}, "set queries (a mapping of names to PromQL) instead of query"),
+        ({"queries": {}, "query": "x"}, "move the PromQL into queries (a mapping of names to PromQL)"),
         ({"queries": {"cpu": "x", "gpu": "y"}}, "unknown key 'gpu' for the tenant type"),
         ({"queries": {"cpu": "x", "node_cpu": "y"}}, "needs both placement and node_cpu or node_memory"),
         ({"entity_labels": []}, "needs entity_labels"),
@@ -338,3 +338,15 @@ def test_multi_query_configuration_errors(detector, expected):
         parse_config(_config(**detector))
     assert expected in str(error.value)
     assert "detectors[0]" in str(error.value)
+
+
+def test_noisy_neighbour_survives_refit(build):
+    # A refit in the middle of the incident must not empty the window the search looks at.
+    job, _, clock = build()
+    clock.at(DAY_START + 12 * HOUR)
+    job.fit()
+    clock.at(DAY_START + 12 * HOUR + STEP)
+    job.score()
+    noisy = {(labels["tenant"], labels["node"], labels["role"])
+             for name, labels, _ in scrape(job, clock) if name == "anomaly_noisy_neighbor"}
+    assert ("t05", SIM.node["t05"], "noisy") in noisy
