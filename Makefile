@@ -17,7 +17,7 @@ check-binaries:
 
 demo: check-binaries
 	@venv=$$(PYTHON=$(PYTHON) tools/venv.sh) && \
-	  "$$venv/bin/python" -m exporter.demo --duration $(DEMO_DURATION)
+	  "$$venv/bin/python" -m exporter.demo --duration $(DEMO_DURATION) $(if $(DEMO_KEEP),--keep)
 
 # The project is installed in editable mode so the anomaly-exporter console script exists;
 # PYTHONPATH still makes this checkout win when several clones share the virtualenv.

@@ -77,6 +77,13 @@ def _seconds(value: Any) -> float:
 Duration = Annotated[float, BeforeValidator(_seconds)]
 
 
+def _single_query(value: Any) -> Any:
+    if isinstance(value, dict):
+        raise ValueError("query takes one PromQL expression; to name several (tenant or equipment types), "
+                         "write them under queries instead")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -174,7 +181,7 @@ class SourceConfig(_Strict):
 
 class DetectorConfig(_Strict):
     name: str
-    query: str | None = Field(default=None, min_length=1)
+    query: Annotated[str | None, BeforeValidator(_single_query)] = Field(default=None, min_length=1)
     queries: dict[str, str] = {}
     entity_labels: list[str] = []
     type: str
@@ -250,8 +257,9 @@ class DetectorConfig(_Strict):
             problems.append((("query",), f"type {self.type!r} reads several queries: move the PromQL into queries "
                              "(a mapping of names to PromQL) and remove query"))
         if not self.entity_labels:
-            problems.append((("entity_labels",), f"type {self.type!r} needs entity_labels, the labels that name a "
-                             f"{self.type}, such as [namespace] or [equipment]"))
+            example = "[namespace]" if self.type == "tenant" else "[equipment]"
+            problems.append((("entity_labels",), f"type {self.type!r} needs entity_labels, the labels that name each "
+                             f"{self.type}, such as {example}"))
         if self.counter:
             problems.append((("counter",), f"counter is not supported by type {self.type!r}: remove it and wrap "
                              "each counter query in rate()"))

@@ -331,6 +331,7 @@ def _config(**detector):
         ({"type": "equipment", "queries": {"spectrum": "x"}}, "no sensor key"),
         ({"type": "equipment", "queries": {"t": "x"}, "params": {"faults": {}}}, "the spectrum query is missing"),
         ({"queries": {"cpu": " "}}, "query 'cpu' is empty"),
+        ({"queries": {}, "query": {"cpu": "x"}}, "write them under queries instead"),
     ],
 )
 def test_multi_query_configuration_errors(detector, expected):
