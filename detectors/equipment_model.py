@@ -47,7 +47,7 @@ class EquipmentTypeParams(EquipmentParams):
     """Fault orders to score from the spectrum query; None scores no faults."""
 
     frequency_label: str = Field(default="frequency_hz", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-    """Label of the spectrum series that holds the band's frequency in Hz."""
+    """Label of the spectrum series that contains the band's frequency in Hz."""
 
 
 class EquipmentTypeDetector(MultiQueryDetector):

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 @dataclass(frozen=True)
 class QuerySpec:
-    """What a multi-query type needs from the series of one query key.
+    """Requirements of a multi-query type on the series of one query key.
 
     ``entity``: each series belongs to an entity and must carry all the entity labels.
     ``labels``: further labels each series must carry, kept for the type (for example

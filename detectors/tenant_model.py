@@ -7,7 +7,7 @@ and the multivariate signal), ``detectors.peers`` (peer groups and peer scores) 
 * metric keys (``cpu``, ``memory``, ``network_in``, ``network_out``, ``disk_io``,
   ``request_rate``, ``latency``): one series per tenant;
 * ``node_cpu`` and ``node_memory``: utilisation from 0 to 1, one series per node;
-* ``placement``: one series per (tenant, node) pair that says where a tenant runs.
+* ``placement``: one series per (tenant, node) pair where the tenant runs.
 
 The noisy-neighbour search runs when ``placement`` and a node utilisation key are set.
 """
@@ -76,7 +76,7 @@ class TenantTypeParams(TenantParams):
     """Thresholds of the noisy-neighbour search."""
 
     noisy_window: str = "30m"
-    """Recent samples the noisy-neighbour search looks at; a finding lasts while it holds in them."""
+    """Recent samples the noisy-neighbour search looks at; a finding lasts while these samples still show it."""
 
     node_label: str = Field(default="node", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")
     """Label that names the node in the node_cpu, node_memory and placement queries."""

@@ -42,6 +42,10 @@ class JobError(Exception):
     """A run failed for a reason the user must fix (for example a label clash); not retried early."""
 
 
+# Errors a run reports as a failure with their message; any other error is logged with its traceback.
+RUN_ERRORS = (QueryError, SourceUnavailable, JobError, ValueError, StateError, ImportError)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Latest results per known series, aligned by index; replaced whole after every run."""
@@ -278,7 +282,7 @@ class DetectorJob:
             self._save(model, keys)
             self._install(model, keys)
             self._score_fit_tail(model, keys, panel, end)
-        except (QueryError, SourceUnavailable, JobError, ValueError) as error:
+        except RUN_ERRORS as error:
             self._failed("fit", started, error)
             return
         except Exception:  # noqa: BLE001 - one detector's bug must not stop the scheduler
@@ -330,9 +334,8 @@ class DetectorJob:
                 # Nothing new since the last run, which happens right after a fit.
                 self._succeeded("score", started)
                 return
-            panel = self.query(start, end, "score")
-            self._score_panel(model, model_keys, panel)
-        except (QueryError, SourceUnavailable, JobError, ValueError) as error:
+            scored = self._score_range(model, model_keys, start, end)
+        except RUN_ERRORS as error:
             self._failed("score", started, error)
             self._publish()
             return
@@ -346,7 +349,13 @@ class DetectorJob:
         self._succeeded("score", started)
         snapshot = self._publish()
         states = self._count_states(snapshot)
-        log.info("detector=%s scored %d points of %d series: %s", self.name, panel.values.size, len(panel.labels), states)
+        log.info("detector=%s scored %s: %s", self.name, scored, states)
+
+    def _score_range(self, model, model_keys: dict[tuple, int], start: float, end: float) -> str:
+        """Query and score the points from ``start`` to ``end``; return what was scored, for the log."""
+        panel = self.query(start, end, "score")
+        self._score_panel(model, model_keys, panel)
+        return f"{panel.values.size} points of {len(panel.labels)} series"
 
     def _score_start(self, model, end: float) -> float:
         step = self.config.step
@@ -450,7 +459,7 @@ class DetectorJob:
 class MultiQueryJob(DetectorJob):
     """Runs a multi-query detector type (tenant, equipment): one panel per key of ``queries``.
 
-    Every input series is reduced to its entity labels plus the few labels the type asks for
+    Every input series is reduced to its entity labels plus the few labels the type requests
     (``QuerySpec``), so series of different queries about one entity line up. Results are
     per entity: a score and further samples (bands per feature, contributions, peer groups,
     noisy neighbours, anomaly types, fault scores).
@@ -655,7 +664,7 @@ class MultiQueryJob(DetectorJob):
             model = self.new_detector().fit(data, previous=previous)
             self._save(model, [])
             self._install_and_score_tail(model, data, end)
-        except (QueryError, SourceUnavailable, JobError, ValueError, StateError, ImportError) as error:
+        except RUN_ERRORS as error:
             self._failed("fit", started, error)
             return
         except Exception:  # noqa: BLE001 - one detector's bug must not stop the scheduler
@@ -703,37 +712,11 @@ class MultiQueryJob(DetectorJob):
             self._last_scored = max(self._last_scored or end, end)
             self._publish()
 
-    def _score_locked(self) -> None:
-        started = time.monotonic()
-        with self._swap_lock:
-            model = self._model
-        try:
-            end = self._aligned_end()
-            start = self._score_start(model, end)
-            if start > end:
-                self._succeeded("score", started)
-                return
-            data = self.query(start, end, "score")
-            if model is not None:
-                results = model.score(data)
-            else:
-                results = self._warming(data)
-            self._store_results(results)
-        except (QueryError, SourceUnavailable, JobError, ValueError, StateError, ImportError) as error:
-            self._failed("score", started, error)
-            self._publish()
-            return
-        except Exception:  # noqa: BLE001 - one detector's bug must not stop the scheduler
-            self._failed("score", started, None)
-            self._publish()
-            return
-        finally:
-            self.metrics.source_up.set(1 if self.source.up else 0)
-        self._last_scored = end
-        self._succeeded("score", started)
-        snapshot = self._publish()
-        states = self._count_states(snapshot)
-        log.info("detector=%s scored %d entities: %s", self.name, len(results), states)
+    def _score_range(self, model, model_keys: dict[tuple, int], start: float, end: float) -> str:
+        data = self.query(start, end, "score")
+        results = model.score(data) if model is not None else self._warming(data)
+        self._store_results(results)
+        return f"{len(results)} entities"
 
     def _warming(self, data: MultiInput) -> list[EntityResult]:
         """Results before the first fit: every entity with data in a scored key is warming."""

@@ -2,8 +2,8 @@
 
 The tenant history is the simulator of detectors/_tenant_sim.py (60 tenants on 3 nodes, 4 days
 at 5 minutes, anomalies of every type and a noisy neighbour on the last day), stored as one
-gauge per metric. The equipment history is three pumps with two sensors and a band spectrum;
-pump p3's current jumps and its 1x band triples on the last day. A fake clock chooses what
+gauge per metric. The equipment history is three pumps with two sensors and a band spectrum.
+On the last day, pump p3's current jumps and its 1x band triples. A fake clock chooses what
 each run queries.
 """
 
@@ -149,7 +149,8 @@ def test_tenant_fit_publishes_every_family(build):
                                      {"detector": "tenants", "phase": "fit", "result": "success"}) == 1
     samples = scrape(job, clock)
     scores = family(samples, "anomaly_score")
-    assert len(scores) == 60 and max(scores.values()) < 1.0
+    assert len(scores) == 60
+    assert max(scores.values()) < 1.0
     groups = family(samples, "anomaly_peer_group")
     # Tenants of one behaviour family share a peer group, and families get different groups.
     by_family = {}
@@ -159,7 +160,8 @@ def test_tenant_fit_publishes_every_family(build):
     features = {labels["feature"] for name, labels, _ in samples if name == "anomaly_expected"}
     assert features == set(METRICS)
     first = next(labels for name, labels, _ in samples if name == "anomaly_contribution_ratio")
-    assert set(first) == {"namespace", "entity", "detector", "feature"} and first["entity"].startswith("namespace=t")
+    assert set(first) == {"namespace", "entity", "detector", "feature"}
+    assert first["entity"].startswith("namespace=t")
 
 
 def test_tenant_anomalies_typed_and_noisy_neighbour_found(build):
@@ -188,13 +190,15 @@ def test_tenant_anomalies_typed_and_noisy_neighbour_found(build):
     injected = {a.tenant for a in SIM.anomalies if a.start < DAY_START + 20 * HOUR}
     assert found >= injected - {"t50"}, f"missed {sorted(injected - found)}"
     assert flagged_clean <= 2
-    assert "resource_exhaustion" in typed["t03"] and "cpu_spike" in typed["t04"] and "network_spike" in typed["t25"]
+    assert "resource_exhaustion" in typed["t03"]
+    assert "cpu_spike" in typed["t04"]
+    assert "network_spike" in typed["t25"]
     assert ("t05", SIM.node["t05"], "noisy") in noisy
     assert {tenant for tenant, _, role in noisy if role == "affected"} >= {"t08", "t11", "t14"}
     assert {tenant for tenant, _, role in noisy if role == "noisy"} == {"t05"}
 
 
-def test_new_tenant_warms_then_scores_after_refit_and_gone_tenant_goes_stale(build):
+def test_tenant_churn_without_restart(build):
     # A new tenant needs min_history before the calibration window, so both are short here.
     job, registry, clock = build(params={"smoothing_points": 3, "calibration": "6h",
                                          "seasonal": {"min_history": "6h"}})
@@ -206,7 +210,7 @@ def test_new_tenant_warms_then_scores_after_refit_and_gone_tenant_goes_stale(bui
     assert family(samples, "anomaly_model_ready")[LATE_TENANT] == 0
     assert LATE_TENANT not in family(samples, "anomaly_score")
     assert GONE_TENANT not in family(samples, "anomaly_score")
-    # The next refit sees one hour of the new tenant: its baselines need more history.
+    # The next refit has one hour of the new tenant, less than its baselines need.
     job.fit()
     clock.at(LATE_FROM + 14 * HOUR)
     job.fit()
@@ -214,7 +218,7 @@ def test_new_tenant_warms_then_scores_after_refit_and_gone_tenant_goes_stale(bui
     samples = scrape(job, clock)
     assert family(samples, "anomaly_model_ready")[LATE_TENANT] == 1
     assert family(samples, "anomaly_score")[LATE_TENANT] < 1
-    # The tenant that stopped is stale, not scored, until the fit window forgets it.
+    # The tenant that stopped is stale, and not scored, until it leaves the fit window.
     assert GONE_TENANT not in family(samples, "anomaly_model_ready")
     assert registry.get_sample_value("anomaly_exporter_series", {"detector": "tenants", "state": "stale"}) == 1
 
@@ -250,7 +254,8 @@ def test_query_without_entity_label_fails_only_that_key(build):
     assert registry.get_sample_value("anomaly_exporter_series_dropped_total",
                                      {"detector": "tenants", "reason": "missing_entity_label"}) >= 1
     features = {labels["feature"] for name, labels, _ in scrape(job, clock) if name == "anomaly_expected"}
-    assert "cpu" not in features and "memory" in features
+    assert "cpu" not in features
+    assert "memory" in features
 
 
 # --- equipment -----------------------------------------------------------------------------------
@@ -273,13 +278,16 @@ def test_equipment_scores_sensor_shift_and_fault(build):
     job.score()
     after = scrape(job, clock)
     scores = family(after, "anomaly_score", "equipment")
-    assert scores["p3"] >= 2 and scores["p1"] < 1 and scores["p2"] < 1
+    assert scores["p3"] >= 2
+    assert scores["p1"] < 1
+    assert scores["p2"] < 1
     shares = {(labels["equipment"], labels["feature"]): value
               for name, labels, value in after if name == "anomaly_contribution_ratio"}
     assert shares[("p3", "current")] > 0.9
     faults = {(labels["equipment"], labels["fault"]): value
               for name, labels, value in after if name == "anomaly_equipment_fault"}
-    assert faults[("p3", "imbalance")] >= 2 and faults[("p1", "imbalance")] < 1
+    assert faults[("p3", "imbalance")] >= 2
+    assert faults[("p1", "imbalance")] < 1
     assert faults[("p3", "misalignment")] < 1
 
 

@@ -74,7 +74,7 @@ def alerts(tmp_path_factory):
         try:
             stack.receiver.wait_for(lambda alert: alert["labels"].get("alertname") == "NoisyNeighbor", timeout=120)
         except TimeoutError:
-            pass  # the tests below say what is missing
+            pass  # the tests below report what is missing
         time.sleep(SETTLE_SECONDS)
         received = stack.receiver.alerts()
         print(stack.exporter_log_tail())
