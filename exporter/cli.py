@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config", help="path of the YAML configuration file")
+    check.add_argument(
+        "--skip-promql", action="store_true",
+        help="do not parse the queries as PromQL, for sources with an extended dialect such as MetricsQL",
+    )
     return parser
 
 
@@ -109,9 +113,14 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
-def check_config(path: str) -> int:
+def check_config(path: str, *, skip_promql: bool = False) -> int:
+    from exporter.checks import dependency_problems, promql_problems
+
     try:
         config = load_config(path)
+        problems = ([] if skip_promql else promql_problems(config)) + dependency_problems(config)
+        if problems:
+            raise ConfigError(path, problems)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -187,7 +196,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = build_parser().parse_args(argv)
     if args.command == "check-config":
-        return check_config(args.config)
+        return check_config(args.config, skip_promql=args.skip_promql)
     if args.command == "backtest":
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from exporter.backtest import run_command

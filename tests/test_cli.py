@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -26,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import __version__
 
+ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "tok-7f3a9c1e-bearer-secret"
 PASSWORD = "pw-2b8d4e6f-basic-secret"
 START_TIMEOUT = 60.0
@@ -158,6 +160,92 @@ def test_check_config_invalid(tmp_path, make_file, expected):
     assert result.returncode == 2
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def bad_promql(tmp_path):
+    data = config("http://127.0.0.1:9", "cpu")
+    data["detectors"][0]["query"] = "sum(rate(cpu_usage[5m])"
+    return write(tmp_path / "c.yml", data)
+
+
+def bad_promql_in_queries(tmp_path):
+    data = config("http://127.0.0.1:9")
+    data["detectors"] = [{
+        "name": "tenants", "type": "tenant", "entity_labels": ["namespace"],
+        "queries": {"cpu": "sum by (namespace) (cpu)", "memory": "sum by namespace (memory)"},
+    }]
+    return write(tmp_path / "c.yml", data)
+
+
+@pytest.mark.parametrize("make_file, key", [
+    (bad_promql, "detectors[0].query (detector 'cpu')"),
+    (bad_promql_in_queries, "detectors[0].queries.memory (detector 'tenants')"),
+])
+def test_check_config_rejects_bad_promql(tmp_path, make_file, key):
+    path = make_file(tmp_path)
+
+    result = run_cli("check-config", str(path))
+
+    assert result.returncode == 2
+    assert key in result.stderr
+    assert "not valid PromQL" in result.stderr
+    assert "--skip-promql" in result.stderr
+    assert "Traceback" not in result.stderr
+    # A source with an extended dialect can still check the rest of its file.
+    skipped = run_cli("check-config", "--skip-promql", str(path))
+    assert skipped.returncode == 0, skipped.stderr
+
+
+EXPORTER_CONFIGS = sorted(path for path in (ROOT / "examples").rglob("*.y*ml") if "\ndetectors:" in path.read_text())
+
+
+def test_exporter_configs_found():
+    assert {path.name for path in EXPORTER_CONFIGS} >= {"exporter.yml", "equipment.yaml", "kubernetes-tenants.yaml"}
+
+
+@pytest.mark.parametrize("path", EXPORTER_CONFIGS, ids=lambda path: path.name)
+def test_shipped_configs_pass_check_config(path):
+    result = run_cli("check-config", str(path))
+
+    assert result.returncode == 0, result.stderr
+
+
+# Runs check-config with an import finder that rejects TensorFlow as if it were not installed.
+WITHOUT_TENSORFLOW = textwrap.dedent("""\
+    import importlib.abc
+    import sys
+
+    class RejectTensorFlow(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.partition(".")[0] == "tensorflow":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, RejectTensorFlow())
+    from exporter.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("method, expected_code", [("autoencoder", 2), ("both", 2), ("limits", 0)])
+def test_check_config_needs_tensorflow_for_autoencoder(tmp_path, method, expected_code):
+    data = config("http://127.0.0.1:9")
+    data["detectors"] = [{
+        "name": "pumps", "type": "equipment", "entity_labels": ["equipment"],
+        "queries": {"temperature": "max by (equipment) (temperature_celsius)"},
+        "params": {"method": method},
+    }]
+    path = write(tmp_path / "c.yml", data)
+
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TENSORFLOW, "check-config", str(path)], capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == expected_code, result.stderr
+    if expected_code:
+        assert "detectors[0].params.method (detector 'pumps')" in result.stderr
+        assert "pip install 'anomaly-exporter[tensorflow]'" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_run_invalid_config(tmp_path):
