@@ -47,6 +47,12 @@ HALFLIFE_CANDIDATES = (1800.0, 7200.0, 21600.0, 86400.0)
 # and to measure the one-step noise.
 TRACKER_COLUMNS = 2016
 
+# Span of the newest fit data whose one-step errors set the noise scale per time of day. It
+# must cover a whole day, else the hours it misses fall back to the scale of the hours it has.
+# At steps under a minute TRACKER_COLUMNS covers less than a day (5.6 hours at 10 s), and a
+# tenant busy by day and quiet at night got a night band about 4 times too narrow.
+SPREAD_SPAN = 1.25 * 86400
+
 # Columns used to choose the seasonality and to estimate resolution and tails. An even subset
 # of 14 days at 5 minutes keeps the estimates stable at a third of the cost.
 SELECTION_COLUMNS = 1344
@@ -267,14 +273,17 @@ class SeasonalDetector(Detector):
 
         # Level tracking: per series, choose how fast the level follows the data by the
         # one-step-ahead error over the newest TRACKER_COLUMNS columns, then keep those errors.
-        window = slice(max(0, timestamps.size - TRACKER_COLUMNS), None)
+        # The errors that set the noise scale come from a longer span, which covers a whole day.
+        spread_columns = max(TRACKER_COLUMNS, int(np.ceil(SPREAD_SPAN / self.step)))
+        window = slice(max(0, timestamps.size - spread_columns), None)
         recent = (values[:, window] - offset[:, None]).astype(np.float32)
         recent -= _interpolate(self.profile_, *(p[window] for p in week_pos))
         floor = self._spread_floor(values[:, columns])
-        steps = np.diff(recent, axis=1)
+        newest = recent[:, max(0, recent.shape[1] - TRACKER_COLUMNS) :]
+        steps = np.diff(newest, axis=1)
         rough = np.maximum(np.nan_to_num(MAD_TO_SIGMA * _mad(steps) / np.sqrt(2)), floor)
         del steps
-        self.halflife_ = self._choose_halflife(recent, rough)
+        self.halflife_ = self._choose_halflife(newest, rough)
         level, errors = self._track(recent, rough, self.halflife_, keep_errors=True)
         level = self._accept_lasting_shift(recent, level, rough)
         burn_in = errors.shape[1] // 10

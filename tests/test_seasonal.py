@@ -296,3 +296,33 @@ def test_invalid_panel_rejected():
         detector.fit(np.zeros((1, 10)), np.arange(9) * STEP)
     with pytest.raises(ValueError, match="grid"):
         detector.fit(np.zeros((1, 3)), np.array([0.0, STEP, 2.5 * STEP]))
+
+
+def test_fine_step_night_band_fits_night_noise():
+    # At a 10 s step the noise of every hour of the day must shape the band. A series that is
+    # noisy at night and calm by day, fitted up to noon, got a night band 4 times too narrow
+    # when only the newest 2016 columns (5.6 hours) set the noise scale.
+    step = 10.0
+    t = START + np.arange(0, 3.5 * DAY, step)
+    hours = (t % DAY) / 3600.0
+    night = (hours < 6) | (hours >= 22)
+    rng = np.random.default_rng(4)
+    noise = np.where(night, 4.0, 1.0)
+    values = (100.0 + 20.0 * ((hours >= 8) & (hours < 18)) + noise * rng.standard_normal((3, t.size)))
+    cut = int(3 * DAY / step) - int(12 * 3600 / step)  # the fit ends at noon of the third day
+    detector = SeasonalDetector(SeasonalParams(min_history="1d"), step=step)
+    detector.fit(values[:, :cut], t[:cut])
+    result = detector.score(values[:, cut:], t[cut:])
+    scored_night = night[cut:]
+
+    night_flags = result.score[:, scored_night] >= 1
+    day_flags = result.score[:, ~scored_night] >= 1
+    assert night_flags.mean() < 0.01
+    assert day_flags.mean() < 0.01
+    # A step of 10 night noise units is still found at night.
+    shifted = values[:, cut:].copy()
+    first_night = np.flatnonzero(scored_night)[:360]
+    shifted[0, first_night] += 40.0
+    detector.fit(values[:, :cut], t[:cut])
+    found = detector.score(shifted, t[cut:]).score[0, first_night] >= 1
+    assert found.mean() > 0.9
