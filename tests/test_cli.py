@@ -177,8 +177,16 @@ def bad_promql_in_queries(tmp_path):
     return write(tmp_path / "c.yml", data)
 
 
+def parser_panic(tmp_path):
+    # promql-parser 0.12 panics in Rust on an infinite offset, which Python sees as a BaseException.
+    data = config("http://127.0.0.1:9", "cpu")
+    data["detectors"][0]["query"] = "cpu_usage offset Inf"
+    return write(tmp_path / "c.yml", data)
+
+
 @pytest.mark.parametrize("make_file, key", [
     (bad_promql, "detectors[0].query (detector 'cpu')"),
+    (parser_panic, "detectors[0].query (detector 'cpu')"),
     (bad_promql_in_queries, "detectors[0].queries.memory (detector 'tenants')"),
 ])
 def test_check_config_rejects_bad_promql(tmp_path, make_file, key):
@@ -197,6 +205,16 @@ def test_check_config_rejects_bad_promql(tmp_path, make_file, key):
 
 
 EXPORTER_CONFIGS = sorted(path for path in (ROOT / "examples").rglob("*.y*ml") if "\ndetectors:" in path.read_text())
+
+
+def test_check_config_csv_source_regex(tmp_path):
+    data = {"source": {"csv": {"path": "*.csv"}}, "detectors": [detector("cpu")]}
+    data["detectors"][0]["query"] = "machine_.*|ec2-cpu"
+    path = write(tmp_path / "c.yml", data)
+
+    result = run_cli("check-config", str(path))
+
+    assert result.returncode == 0, result.stderr
 
 
 def test_exporter_configs_found():
