@@ -48,9 +48,10 @@ HALFLIFE_CANDIDATES = (1800.0, 7200.0, 21600.0, 86400.0)
 TRACKER_COLUMNS = 2016
 
 # Span of the newest fit data whose one-step errors set the noise scale per time of day. It
-# must cover a whole day, else the hours it misses fall back to the scale of the hours it has.
-# At steps under a minute TRACKER_COLUMNS covers less than a day (5.6 hours at 10 s), and a
-# tenant busy by day and quiet at night got a night band about 4 times too narrow.
+# must cover a whole day, because hours it misses fall back to the scale of the hours it has.
+# TRACKER_COLUMNS alone covers less than a day at steps under 43 s (5.6 hours at 10 s).
+# NOTE: a fit at a fine step keeps this many columns per series (10,800 at 10 s), and that
+# memory has not been benchmarked.
 SPREAD_SPAN = 1.25 * 86400
 
 # Columns used to choose the seasonality and to estimate resolution and tails. An even subset
@@ -272,8 +273,8 @@ class SeasonalDetector(Detector):
         self.profile_ = profile.astype(np.float32)
 
         # Level tracking: per series, choose how fast the level follows the data by the
-        # one-step-ahead error over the newest TRACKER_COLUMNS columns, then keep those errors.
-        # The errors that set the noise scale come from a longer span, which covers a whole day.
+        # one-step-ahead error over the newest TRACKER_COLUMNS columns. Then track over at least
+        # SPREAD_SPAN and keep those errors, which set the noise scale.
         spread_columns = max(TRACKER_COLUMNS, int(np.ceil(SPREAD_SPAN / self.step)))
         window = slice(max(0, timestamps.size - spread_columns), None)
         recent = (values[:, window] - offset[:, None]).astype(np.float32)

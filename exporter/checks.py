@@ -12,8 +12,8 @@ from exporter.config import Config
 # Equipment methods that train the Keras autoencoder.
 AUTOENCODER_METHODS = ("autoencoder", "both")
 
-# Longer queries are not parsed: promql-parser 0.12 crashed the process on chains of 5,000
-# terms (about 30,000 characters) and took 5 s on 3,000.
+# Longer queries are not parsed. promql-parser 0.12 crashed the process on a chain of 5,000
+# names joined by `or` (roughly 35,000 characters) and took 5 s on a chain of 3,000.
 MAX_PARSED_LENGTH = 10_000
 
 

@@ -1,8 +1,28 @@
-"""Fixtures shared by the integration tests that run a real Prometheus."""
+"""Fixtures shared by the integration tests that run a real Prometheus, and a CLI runner without TensorFlow."""
+
+import textwrap
 
 import pytest
 
 from exporter.demo.stack import PrometheusProcess, backfill_series
+
+# Runs the exporter's CLI after putting a finder first on sys.meta_path that rejects TensorFlow
+# and Keras. It writes a line to stderr at every rejected import.
+BLOCKED_RUN = textwrap.dedent("""\
+    import importlib.abc
+    import sys
+
+    class RejectTensorFlow(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.partition(".")[0] in ("tensorflow", "keras"):
+                print(f"rejected import of {name}", file=sys.stderr, flush=True)
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, RejectTensorFlow())
+    from exporter.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import urllib.error
@@ -25,6 +24,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import BLOCKED_RUN
 from exporter import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ def bad_promql_in_queries(tmp_path):
 
 
 def parser_panic(tmp_path):
-    # promql-parser 0.12 panics in Rust on an infinite offset, which Python sees as a BaseException.
+    # promql-parser 0.12 panics in Rust on an infinite offset, which reaches Python as a BaseException.
     data = config("http://127.0.0.1:9", "cpu")
     data["detectors"][0]["query"] = "cpu_usage offset Inf"
     return write(tmp_path / "c.yml", data)
@@ -228,23 +228,6 @@ def test_shipped_configs_pass_check_config(path):
     assert result.returncode == 0, result.stderr
 
 
-# Runs check-config with an import finder that rejects TensorFlow as if it were not installed.
-WITHOUT_TENSORFLOW = textwrap.dedent("""\
-    import importlib.abc
-    import sys
-
-    class RejectTensorFlow(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.partition(".")[0] == "tensorflow":
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-
-    sys.meta_path.insert(0, RejectTensorFlow())
-    from exporter.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
 @pytest.mark.parametrize("method, expected_code", [("autoencoder", 2), ("both", 2), ("limits", 0)])
 def test_check_config_needs_tensorflow_for_autoencoder(tmp_path, method, expected_code):
     data = config("http://127.0.0.1:9")
@@ -256,7 +239,7 @@ def test_check_config_needs_tensorflow_for_autoencoder(tmp_path, method, expecte
     path = write(tmp_path / "c.yml", data)
 
     result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_TENSORFLOW, "check-config", str(path)], capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", BLOCKED_RUN, "check-config", str(path)], capture_output=True, text=True, timeout=60,
     )
 
     assert result.returncode == expected_code, result.stderr

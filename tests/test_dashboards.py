@@ -392,8 +392,8 @@ def test_parser_rejects_broken_query():
 # first fit and for every query to return data.
 LIVE_TIMEOUT_SECONDS = 180
 # ...and at least this long from the start of the noisy-neighbour episode. The findings come
-# last: on a loaded machine the last affected tenant was found 60s after the episode started,
-# because each tenant crosses its band when the rate windows of its own queries have filled.
+# last, because a role needs 3 stressed samples at a 10 s step. On a loaded machine the last
+# affected tenant was found 60 s after the episode started.
 EPISODE_TIMEOUT_SECONDS = 150
 # Days of simulated history: the fit windows of 3 days plus an hour, so that every fit is full.
 HISTORY_SECONDS = 3 * 86400 + 3600

@@ -56,7 +56,7 @@ def exporter_config(state_dir: Path) -> dict:
                 "query": CPU_METRIC,
                 "entity_labels": ["host"],
                 "type": "seasonal",
-                # The simulator holds its noise for 15 s, so three 5 s points share one draw and a
+                # The simulator keeps each noise draw for 15 s, so three 5 s points share one draw and a
                 # 3-sigma band gives a clean host a lasting crossing in about 1 of 370 buckets,
                 # enough to fail this test now and then. At 4 sigma it is about 1 in 16,000,
                 # and the injected shift of 15 sigma still crosses the critical edge of 8.

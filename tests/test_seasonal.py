@@ -299,9 +299,8 @@ def test_invalid_panel_rejected():
 
 
 def test_fine_step_night_band_fits_night_noise():
-    # At a 10 s step the noise of every hour of the day must shape the band. A series that is
-    # noisy at night and calm by day, fitted up to noon, got a night band 4 times too narrow
-    # when only the newest 2016 columns (5.6 hours) set the noise scale.
+    # At a 10 s step the noise of every hour of the day must shape the band. When only the
+    # newest 2016 columns (5.6 hours) set the noise scale, 9 % of clean night points here scored 1.
     step = 10.0
     t = START + np.arange(0, 3.5 * DAY, step)
     hours = (t % DAY) / 3600.0

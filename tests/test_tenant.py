@@ -182,8 +182,8 @@ def test_multivariate_finds_joint_shift(simulation, scored):
     assert np.count_nonzero((scored.multivariate[clean] >= 1).any(axis=1)) <= 2
 
 
-def test_multivariate_finds_joint_shift_other_seed():
-    # With seed 1 the forest alone reached 1 in 4 % of the shift's samples: its score is capped.
+def test_multivariate_joint_shift_second_simulation():
+    # In this simulation the forest alone reached 1 in 4 % of the shift's samples, because its score is capped.
     simulation = simulate_tenants(seed=1)
     detector = TenantDetector(TenantParams(), step=STEP).fit(
         simulation.values[:, :FIT_COLUMNS], simulation.timestamps[:FIT_COLUMNS],

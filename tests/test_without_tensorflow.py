@@ -13,7 +13,6 @@ has nothing to reject.
 import re
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -23,6 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from detectors._autoencoder import TENSORFLOW_MISSING
+from conftest import BLOCKED_RUN
 from exporter.demo.stack import Series
 
 pytestmark = pytest.mark.stack
@@ -32,23 +32,6 @@ SCORE_TIMEOUT = 60.0
 HOSTS = ("h1", "h2", "h3")
 PUMPS = ("p1", "p2")
 
-# Runs the exporter's CLI after putting a finder first on sys.meta_path that rejects TensorFlow
-# and Keras. It writes a line to stderr at every rejected import.
-BLOCKED_RUN = textwrap.dedent("""\
-    import importlib.abc
-    import sys
-
-    class RejectTensorFlow(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.partition(".")[0] in ("tensorflow", "keras"):
-                print(f"rejected import of {name}", file=sys.stderr, flush=True)
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-
-    sys.meta_path.insert(0, RejectTensorFlow())
-    from exporter.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
 
 
 def history(now: float) -> list[Series]:
