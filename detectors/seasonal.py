@@ -50,8 +50,7 @@ TRACKER_COLUMNS = 2016
 # Span of the newest fit data whose one-step errors set the noise scale per time of day. It
 # must cover a whole day, because hours it misses fall back to the scale of the hours it has.
 # TRACKER_COLUMNS alone covers less than a day at steps under 43 s (5.6 hours at 10 s).
-# NOTE: a fit at a fine step keeps this many columns per series (10,800 at 10 s), and that
-# memory has not been benchmarked.
+# At 10 s this makes a fit 1.6 to 3 times slower, with 4 to 8 % more memory (bench/fine_step.py).
 SPREAD_SPAN = 1.25 * 86400
 
 # Columns used to choose the seasonality and to estimate resolution and tails. An even subset

@@ -4,7 +4,7 @@ import argparse
 
 import numpy as np
 
-from bench import baselines, smd, speed
+from bench import baselines, fine_step, smd, speed
 
 DAY = 86400.0
 STEP = 300.0
@@ -86,3 +86,13 @@ def test_synthetic_panel_shape_and_dtype():
     assert panel.shape == (7, 50)
     assert panel.dtype == np.float32
     assert np.all(np.isfinite(panel))
+
+
+def test_fine_step_section_rows():
+    result = fine_step.run_fit(20)
+    assert result["series"] == 20
+    assert result["ready"] == 20
+    assert result["max_rss"] >= result["data_rss"] > 0
+    body = fine_step.section([result, {"series": 3000, "error": "timed out after 1800 s"}])
+    assert "| 20 | " in body
+    assert "| 3,000 | failed: timed out after 1800 s |" in body
