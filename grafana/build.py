@@ -448,11 +448,12 @@ def tenants() -> dashboard_builder.Dashboard:
         .with_panel(with_targets(
             _score_graph(
                 "Multivariate score per tenant",
-                "How unusual each tenant's vector of metric deviations is for the IsolationForest that "
-                "the detector shares between all its tenants (anomaly_multivariate_score), on the scale of "
-                f"anomaly_score: {WARNING_SCORE:g} at the warning edge, {CRITICAL_SCORE:g} critical. It "
-                "reacts to moderate deviations of several metrics at once that no single metric's band "
-                "catches. No alert rule reads it.",
+                "How unusual each tenant's vector of metric deviations is (anomaly_multivariate_score): the "
+                "larger of the score of an IsolationForest that the detector shares between all its tenants "
+                "and the score of the calibrated sum of the deviations. It is on the scale of anomaly_score: "
+                f"{WARNING_SCORE:g} at the warning edge, {CRITICAL_SCORE:g} critical. It reacts to moderate "
+                "deviations of several metrics at once that no single metric's band catches. No alert rule "
+                "reads it.",
             ).data_links([SERIES_ENTITY_LINK]),
             query(f"max by (detector, entity) (anomaly_multivariate_score{{{SELECTED}}})", "{{detector}} {{entity}}"),
         ))
